@@ -1,0 +1,90 @@
+# Whisper checkpoints -> MAX artifacts -> transcripts.
+#
+#   make demo                               set up, convert a generated checkpoint, compile, transcribe a generated sample
+#   make test                               set up and run the tests
+#   make transcribe AUDIO=f.mp3 MODEL=tiny  download (needs a network), convert, compile, transcribe
+#   make transcribe AUDIO=f.mp3 CHECKPOINT=path/to/model.pt [NAME=mymodel]   the same, offline
+#
+# Every stage runs only when its inputs changed: the stamp of a stage is the file it writes last
+# (model.json, manifest.json), and the tools themselves skip work that is already current.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARTIFACTS ?= artifacts
+DEVICE ?= cpu
+ARCH ?= sm_90
+THREADS ?= 0
+
+ifdef CHECKPOINT
+NAME ?= $(basename $(notdir $(CHECKPOINT)))
+SOURCE_ARGS := --checkpoint $(CHECKPOINT)
+else ifdef MODEL
+NAME ?= $(MODEL)
+SOURCE_ARGS := --model $(MODEL)
+endif
+
+TARGET := $(if $(filter gpu,$(DEVICE)),gpu-$(ARCH),cpu)
+MODEL_DIR := $(ARTIFACTS)/$(NAME)
+OUT ?= transcripts
+
+.PHONY: setup system-deps convert compile transcribe test demo bench clean help
+
+help:
+	@sed -n '2,10p' Makefile
+
+# --- environment -----------------------------------------------------------------------------
+system-deps:
+	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null || \
+	  { echo "installing ffmpeg and espeak-ng (Debian packages)"; \
+	    (apt-get update -q && apt-get install -y -q ffmpeg espeak-ng) >/dev/null || \
+	    sudo sh -c 'apt-get update -q && apt-get install -y -q ffmpeg espeak-ng' >/dev/null; }
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned to the CPU build first: an unpinned torch would pull gigabytes of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: system-deps $(VENV)/.installed
+
+# --- pipeline --------------------------------------------------------------------------------
+define need_source
+	@if [ -z "$(SOURCE_ARGS)" ]; then echo "error: say which model: MODEL=tiny (official download) or CHECKPOINT=path/to/model.pt" >&2; exit 2; fi
+endef
+
+convert: setup
+	$(need_source)
+	$(VENV)/bin/converter convert $(SOURCE_ARGS) --name $(NAME) --out-dir $(ARTIFACTS)
+
+compile: setup
+	@if [ -z "$(NAME)" ]; then echo "error: say which model: NAME=<folder under $(ARTIFACTS)/> (or MODEL=/CHECKPOINT=)" >&2; exit 2; fi
+	@if [ -n "$(SOURCE_ARGS)" ]; then $(MAKE) --no-print-directory convert; fi
+	$(VENV)/bin/graph-builders compile $(MODEL_DIR) --device $(DEVICE) $(if $(filter gpu,$(DEVICE)),--arch $(ARCH))
+
+transcribe: compile
+	@if [ -z "$(AUDIO)" ]; then echo "error: say which audio: AUDIO=file" >&2; exit 2; fi
+	$(VENV)/bin/runtime transcribe $(AUDIO) --model $(MODEL_DIR) --device $(DEVICE) --threads $(THREADS) --output-dir $(OUT)
+
+# The main job without a network: a seeded random-weight tiny checkpoint (official dimensions)
+# and synthesized speech stand in for a download and a recording.
+DEMO_DIR := $(ARTIFACTS)/demo-inputs
+demo: setup
+	@mkdir -p $(DEMO_DIR)
+	@[ -f $(DEMO_DIR)/tiny-random.pt ] || $(PY) tests/checkpoints.py $(DEMO_DIR)/tiny-random.pt 0
+	@[ -f $(DEMO_DIR)/speech.wav ] || $(PY) tests/audio_samples.py $(DEMO_DIR)/speech.wav
+	$(MAKE) --no-print-directory transcribe CHECKPOINT=$(DEMO_DIR)/tiny-random.pt NAME=tiny-random \
+	    AUDIO=$(DEMO_DIR)/speech.wav OUT=$(OUT)
+
+# --- checks ----------------------------------------------------------------------------------
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(ARTIFACTS) $(OUT)

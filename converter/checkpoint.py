@@ -1,0 +1,83 @@
+"""Reading Whisper checkpoints in openai's format: `{"dims": {...}, "model_state_dict": {...}}`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DIM_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
+              "n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
+
+
+class ConversionError(Exception):
+    """A one-line, user-facing reason why a checkpoint cannot be converted."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    sha256: str
+    dims: dict
+    state_dict: dict  # name -> torch.Tensor, in the file's order
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load safely (`weights_only=True`: no arbitrary unpickling) and check the openai layout."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"{path} is not a loadable PyTorch checkpoint: {reason}") from None
+    if not isinstance(data, dict) or "dims" not in data or "model_state_dict" not in data:
+        raise ConversionError(f"{path} is not a Whisper checkpoint in openai's format "
+                              "(expected a dict with 'dims' and 'model_state_dict')")
+    dims, state = data["dims"], data["model_state_dict"]
+    missing = [f for f in DIM_FIELDS if not isinstance(dims, dict) or not isinstance(dims.get(f), int)]
+    if missing:
+        raise ConversionError(f"{path}: 'dims' lacks integer field(s) {', '.join(missing)}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: 'model_state_dict' is not a mapping of tensors")
+    expected = expected_tensor_names(dims)
+    absent = sorted(expected - set(state))
+    if absent:
+        raise ConversionError(f"{path}: missing {len(absent)} Whisper tensor(s), e.g. {absent[0]}")
+    return Checkpoint(path=path, sha256=sha256_file(path), dims={f: dims[f] for f in DIM_FIELDS}, state_dict=state)
+
+
+def expected_tensor_names(dims: dict) -> set[str]:
+    """Every tensor openai-whisper's model holds for these dimensions (its state_dict keys)."""
+    names = {"encoder.conv1.weight", "encoder.conv1.bias", "encoder.conv2.weight", "encoder.conv2.bias",
+             "encoder.positional_embedding", "encoder.ln_post.weight", "encoder.ln_post.bias",
+             "decoder.token_embedding.weight", "decoder.positional_embedding",
+             "decoder.ln.weight", "decoder.ln.bias"}
+
+    def block(prefix: str, cross: bool) -> set[str]:
+        attns = ["attn", "cross_attn"] if cross else ["attn"]
+        out = set()
+        for attn in attns:
+            out |= {f"{prefix}.{attn}.{p}.{k}" for p in ("query", "value", "out") for k in ("weight", "bias")}
+            out |= {f"{prefix}.{attn}.key.weight", f"{prefix}.{attn}_ln.weight", f"{prefix}.{attn}_ln.bias"}
+        out |= {f"{prefix}.mlp.{i}.{k}" for i in (0, 2) for k in ("weight", "bias")}
+        out |= {f"{prefix}.mlp_ln.weight", f"{prefix}.mlp_ln.bias"}
+        return out
+
+    for i in range(dims["n_audio_layer"]):
+        names |= block(f"encoder.blocks.{i}", cross=False)
+    for i in range(dims["n_text_layer"]):
+        names |= block(f"decoder.blocks.{i}", cross=True)
+    return names

@@ -1,0 +1,88 @@
+"""`converter convert` and `converter validate`: checkpoint -> artifacts/<name>/."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .checkpoint import ConversionError, load_checkpoint, sha256_file
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group()
+def main() -> None:
+    """Convert openai-whisper checkpoints into this project's artifacts."""
+
+
+@main.command()
+@click.option("--model", "model_name", help="official model name, downloaded by openai-whisper's downloader")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path), help="local .pt file in openai's format")
+@click.option("--name", help="artifact folder name (default: the model name or the checkpoint's file stem)")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+@click.option("--download-root", type=click.Path(path_type=Path), default=Path.home() / ".cache" / "whisper", show_default=True)
+@click.option("--force", is_flag=True, help="convert again even when the artifacts are up to date")
+def convert(model_name, checkpoint_path, name, out_dir, download_root, force) -> None:
+    """Extract every tensor to safetensors, record dims and assets, validate against torch."""
+    from .extract import extract
+    from .validate import validate
+
+    try:
+        if bool(model_name) == bool(checkpoint_path):
+            raise ConversionError("give exactly one of --model NAME or --checkpoint PATH")
+        if model_name:
+            from .official import download
+
+            checkpoint_path = download(model_name, download_root)
+        name = name or model_name or checkpoint_path.stem
+        target = out_dir / name
+        if not force and _up_to_date(target, checkpoint_path):
+            click.echo(f"{target}: up to date")
+            return
+        checkpoint = load_checkpoint(checkpoint_path)
+        model = extract(checkpoint, target, name)
+        click.echo(f"extracted {model['tensor_count']} tensors to {target / model['weights']['file']}")
+        report = validate(checkpoint, target)
+        click.echo(f"validated: {report['tensors']['bit_equal']} tensors bit-equal; "
+                   f"encoder max abs error {report['encoder']['max_abs']:.2e}, "
+                   f"logits max abs error {report['logits']['max_abs']:.2e}")
+    except ConversionError as exc:
+        _fail(str(exc))
+
+
+@main.command("validate")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path), required=True)
+def validate_command(artifact_dir, checkpoint_path) -> None:
+    """Check an artifact folder against its checkpoint; writes validation.json."""
+    from .validate import validate
+
+    try:
+        if not (artifact_dir / "model.json").is_file():
+            raise ConversionError(f"{artifact_dir} has no model.json; run make convert first")
+        report = validate(load_checkpoint(checkpoint_path), artifact_dir)
+        click.echo(json.dumps(report, indent=2))
+    except ConversionError as exc:
+        _fail(str(exc))
+
+
+def _up_to_date(target: Path, checkpoint_path: Path) -> bool:
+    """The folder was made from this very file and passed validation."""
+    try:
+        model = json.loads((target / "model.json").read_text())
+        report = json.loads((target / "validation.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (checkpoint_path.is_file() and report.get("passed") is True
+            and model["source"]["sha256"] == sha256_file(checkpoint_path)
+            and (target / model["weights"]["file"]).is_file())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Extract stage: checkpoint -> artifacts/<name>/ (weights.safetensors, model.json, tokenizer, mel filters).
+
+Every file is written under a temporary name and renamed into place; model.json goes last, so a
+folder with a model.json is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint, sha256_file
+from .official import alignment_heads, official_name_for
+
+MODEL_FORMAT = "whisper-max/model@1"
+WEIGHTS_FILE = "weights.safetensors"
+MEL_FILTERS_FILE = "mel_filters.npz"
+
+
+def atomic_write(target: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto target (same folder, so the rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; artifacts are ordinary readable files
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(target: Path, data: dict) -> None:
+    atomic_write(target, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def language_info(n_vocab: int) -> tuple[bool, int]:
+    """openai-whisper's rule: multilingual vocabularies have 51,865 or more tokens; the language
+    tokens fill the gap between the 51,765 base tokens and the task tokens."""
+    is_multilingual = n_vocab >= 51865
+    return is_multilingual, n_vocab - 51765 - int(is_multilingual)
+
+
+def extract(checkpoint: Checkpoint, out_dir: Path, name: str) -> dict:
+    import whisper
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dims = checkpoint.dims
+    is_multilingual, num_languages = language_info(dims["n_vocab"])
+
+    state = {key: tensor.contiguous() for key, tensor in checkpoint.state_dict.items()}
+    weights_path = out_dir / WEIGHTS_FILE
+    atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"source_sha256": checkpoint.sha256}))
+
+    assets = Path(whisper.__file__).parent / "assets"
+    tokenizer_name = "multilingual.tiktoken" if is_multilingual else "gpt2.tiktoken"
+    atomic_write(out_dir / tokenizer_name, lambda p: shutil.copyfile(assets / tokenizer_name, p))
+    with np.load(assets / "mel_filters.npz") as all_filters:
+        key = f"mel_{dims['n_mels']}"
+        filters = all_filters[key]
+    atomic_write(out_dir / MEL_FILTERS_FILE, lambda p: np.savez_compressed(open(p, "wb"), **{key: filters}))
+
+    official = official_name_for(checkpoint.sha256)
+    model = {
+        "format": MODEL_FORMAT,
+        "name": name,
+        "dims": dims,
+        "is_multilingual": is_multilingual,
+        "num_languages": num_languages,
+        # openai's table for official files; None means "use the last half of the decoder layers",
+        # openai-whisper's own default when a model has no table entry.
+        "alignment_heads": alignment_heads(official, dims) if official else None,
+        "source": {"file": checkpoint.path.name, "sha256": checkpoint.sha256, "official_name": official},
+        "tensor_count": len(state),
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size},
+        "tokenizer": {"file": tokenizer_name, "sha256": sha256_file(out_dir / tokenizer_name)},
+        "mel_filters": {"file": MEL_FILTERS_FILE, "key": key, "sha256": sha256_file(out_dir / MEL_FILTERS_FILE)},
+    }
+    write_json(out_dir / "model.json", model)
+    return model

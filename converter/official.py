@@ -1,0 +1,54 @@
+"""Official checkpoints, through openai-whisper's own downloader and tables.
+
+openai-whisper is needed only here, at conversion time; users with a network get its download
+and sha256 check. The URLs carry each file's sha256, which also identifies a local copy of an
+official file so it gets its alignment heads.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import ConversionError
+
+
+def official_models() -> dict[str, str]:
+    import whisper
+
+    return dict(whisper._MODELS)
+
+
+def download(name: str, root: Path) -> Path:
+    import whisper
+
+    models = official_models()
+    if name not in models:
+        raise ConversionError(f"unknown model {name!r}; official names: {', '.join(models)}")
+    try:
+        return Path(whisper._download(models[name], str(root), in_memory=False))
+    except OSError as exc:  # urllib's URLError is an OSError
+        raise ConversionError(f"cannot download {name!r} from openaipublic.azureedge.net ({getattr(exc, 'reason', exc)}); "
+                              "offline, pass a local file instead: make convert CHECKPOINT=path/to/model.pt") from None
+
+
+def official_name_for(sha256: str) -> str | None:
+    for name, url in official_models().items():
+        if url.split("/")[-2] == sha256:
+            return name
+    return None
+
+
+def alignment_heads(name: str, dims: dict) -> list[list[int]] | None:
+    """[layer, head] pairs of the cross-attention heads openai found aligned with speech."""
+    import whisper
+
+    packed = whisper._ALIGNMENT_HEADS.get(name)
+    if packed is None:
+        return None
+    mask = np.frombuffer(gzip.decompress(base64.b85decode(packed)), dtype=bool)
+    mask = mask.reshape(dims["n_text_layer"], dims["n_text_head"])
+    return [[int(layer), int(head)] for layer, head in np.argwhere(mask)]

@@ -1,0 +1,81 @@
+"""Validate stage: the safetensors hold the checkpoint's exact bits, and a forward pass built from
+them alone (converter/reference.py) matches openai-whisper's torch model on fixed inputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint, ConversionError
+from .extract import write_json
+
+# fp32 torch against a float64 numpy pass over the same fp16-valued weights: differences come from
+# torch's float32 rounding only, so they sit far below these bounds.
+TOLERANCE = {"encoder_max_abs": 1e-3, "logits_max_abs": 1e-3}
+VALIDATION_SEED = 1234
+PREFIX_LENGTH = 12
+
+
+def fixed_inputs(dims: dict) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(VALIDATION_SEED)
+    mel = rng.uniform(-1.0, 1.5, size=(dims["n_mels"], 2 * dims["n_audio_ctx"])).astype(np.float32)
+    tokens = rng.integers(0, dims["n_vocab"], size=PREFIX_LENGTH)
+    return mel, tokens
+
+
+def _errors(ours: np.ndarray, reference: np.ndarray) -> dict:
+    diff = np.abs(ours.astype(np.float64) - reference.astype(np.float64))
+    return {"max_abs": float(diff.max()), "max_rel": float((diff / (np.abs(reference) + 1e-6)).max()),
+            "reference_max_abs": float(np.abs(reference).max())}
+
+
+def validate(checkpoint: Checkpoint, artifact_dir: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    from whisper.model import ModelDimensions, Whisper
+
+    from .reference import NumpyWhisper
+
+    started = time.perf_counter()
+    model_json = json.loads((artifact_dir / "model.json").read_text())
+    stored = load_file(str(artifact_dir / model_json["weights"]["file"]))
+    if set(stored) != set(checkpoint.state_dict):
+        raise ConversionError(f"{artifact_dir}: safetensors and checkpoint hold different tensor names")
+    mismatched = [name for name, t in checkpoint.state_dict.items()
+                  if t.dtype != stored[name].dtype or t.shape != stored[name].shape
+                  or not torch.equal(t.contiguous().view(torch.uint8), stored[name].view(torch.uint8))]
+    if mismatched:
+        raise ConversionError(f"{len(mismatched)} tensor(s) differ from the checkpoint, e.g. {mismatched[0]}")
+
+    model = Whisper(ModelDimensions(**checkpoint.dims))
+    model.load_state_dict(checkpoint.state_dict)
+    model = model.float().eval()
+    mel, tokens = fixed_inputs(checkpoint.dims)
+    with torch.no_grad():
+        torch_audio = model.encoder(torch.from_numpy(mel)[None])
+        torch_logits = model.decoder(torch.from_numpy(tokens)[None], torch_audio)[0].numpy()
+        torch_audio = torch_audio[0].numpy()
+
+    reference = NumpyWhisper({k: v.float().numpy() for k, v in stored.items()}, checkpoint.dims)
+    ours_audio = reference.encode(mel)
+    ours_logits = reference.logits(tokens, ours_audio)
+
+    report = {
+        "tensors": {"count": len(stored), "bit_equal": len(stored)},
+        "inputs": {"seed": VALIDATION_SEED, "mel_shape": list(mel.shape), "tokens": tokens.tolist()},
+        "encoder": _errors(ours_audio, torch_audio),
+        "logits": _errors(ours_logits, torch_logits),
+        "tolerance": TOLERANCE,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    report["passed"] = (report["encoder"]["max_abs"] <= TOLERANCE["encoder_max_abs"]
+                        and report["logits"]["max_abs"] <= TOLERANCE["logits_max_abs"])
+    write_json(artifact_dir / "validation.json", report)
+    if not report["passed"]:
+        raise ConversionError(f"validation failed: encoder max abs error {report['encoder']['max_abs']:.3g}, "
+                              f"logits {report['logits']['max_abs']:.3g} (tolerance {TOLERANCE}); "
+                              f"see {artifact_dir / 'validation.json'}")
+    return report

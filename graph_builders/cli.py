@@ -1,0 +1,32 @@
+"""`graph-builders compile`: model.json -> compiled MAX artifacts for one device."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .compile import DEFAULT_GPU_ARCH, CompileError, compile_model
+
+
+@click.group()
+def main() -> None:
+    """Build and compile Whisper's MAX graphs."""
+
+
+@main.command("compile")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--arch", default=None, help=f"GPU architecture (default {DEFAULT_GPU_ARCH}); cross-compiled when no GPU is attached")
+def compile_command(artifact_dir: Path, device: str, arch: str | None) -> None:
+    try:
+        target = compile_model(artifact_dir, device, arch, log=lambda m: click.echo(m, err=True))
+    except CompileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(str(target))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Compile stage: model.json -> artifacts/<name>/<target>/*.mef + manifest.json.
+
+Graphs are built from model.json alone, compiled with InferenceSession.compile, and written with
+export_mef. GPU targets are cross-compiled on a CPU-only host through MAX's virtual devices. The
+manifest records where every artifact came from (MAX version, device, arch, graph signatures, the
+weights' sha256) and how each graph weight is made from a checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+MANIFEST_FORMAT = "whisper-max/artifacts@1"
+DEFAULT_GPU_ARCH = "sm_90"
+
+
+class CompileError(Exception):
+    """A one-line, user-facing reason why compilation cannot proceed."""
+
+
+def target_name(device: str, arch: str | None) -> str:
+    return "cpu" if device == "cpu" else f"gpu-{arch}"
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _describe(tensor_type) -> dict:
+    return {"dtype": str(tensor_type.dtype), "shape": [str(d) for d in tensor_type.shape]}
+
+
+def _graph_device(device: str, arch: str | None):
+    """The DeviceRef graphs are built for; for gpu, switch MAX to virtual devices when none is attached."""
+    from max import driver
+    from max.graph import DeviceRef
+
+    if device == "cpu":
+        return DeviceRef.CPU(), [driver.CPU()]
+    if device != "gpu":
+        raise CompileError(f"unknown device {device!r}; use cpu or gpu")
+    attached = driver.accelerator_count() > 0 and not driver.is_virtual_device_mode()
+    if attached and driver.accelerator_architecture_name() != arch:
+        raise CompileError(f"the attached GPU is {driver.accelerator_architecture_name()}, not {arch}; "
+                           f"pass ARCH={driver.accelerator_architecture_name()} or compile on a host without a GPU")
+    if not attached:
+        driver.set_virtual_device_api("cuda")
+        driver.set_virtual_device_target_arch(arch)
+        driver.set_virtual_device_count(1)
+    return DeviceRef.GPU(0), [driver.Accelerator()]
+
+
+def load_model_json(artifact_dir: Path) -> dict:
+    path = artifact_dir / "model.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CompileError(f"{path} not found; run `make convert` first") from None
+    except ValueError as exc:
+        raise CompileError(f"{path} is not valid JSON ({exc}); run `make convert` again") from None
+
+
+def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = None, log=print) -> Path:
+    """Compile every graph of the model; graphs whose artifact is already current are kept."""
+    from max.engine import InferenceSession
+
+    from .graphs import WhisperGraphs
+
+    arch = None if device == "cpu" else (arch or DEFAULT_GPU_ARCH)
+    model = load_model_json(artifact_dir)
+    weights_path = artifact_dir / model["weights"]["file"]
+    if not weights_path.is_file():
+        raise CompileError(f"{weights_path} not found; run `make convert` again")
+    target = artifact_dir / target_name(device, arch)
+    target.mkdir(parents=True, exist_ok=True)
+    max_version = version("max")
+
+    graph_device, session_devices = _graph_device(device, arch)
+    built = WhisperGraphs(model["dims"], graph_device).all()
+    previous = _read_manifest(target)
+    # The weights enter at init, so their values do not change a graph: its signature is its own
+    # text, plus the MAX version and target that compiled it.
+    provenance = {"max_version": max_version, "device": device, "arch": arch}
+
+    session = None
+    graphs = {}
+    for item in built:
+        text = str(item.graph)
+        signature = _sha256_bytes(json.dumps(provenance, sort_keys=True).encode() + text.encode())
+        mef = target / f"{item.name}.mef"
+        old = (previous or {}).get("graphs", {}).get(item.name)
+        if old and old["signature"] == signature and mef.is_file() and _sha256_file(mef) == old["sha256"]:
+            log(f"{item.name}: up to date")
+            graphs[item.name] = old
+            continue
+        session = session or InferenceSession(devices=session_devices)
+        started = time.perf_counter()
+        compiled = session.compile(item.graph)
+        seconds = time.perf_counter() - started
+        _atomic_write_bytes(mef, compiled.export_mef)
+        log(f"{item.name}: compiled in {seconds:.1f} s -> {mef}")
+        graphs[item.name] = {
+            "file": mef.name,
+            "sha256": _sha256_file(mef),
+            "signature": signature,
+            "inputs": [_describe(value.type) for value in item.graph.inputs],
+            "weights": [spec.to_json() for spec in item.weights],
+            "compile_seconds": round(seconds, 2),
+        }
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        **provenance,
+        "model": {"name": model["name"], "dims": model["dims"], "source_sha256": model["source"]["sha256"],
+                  "weights_file": model["weights"]["file"], "weights_sha256": model["weights"]["sha256"]},
+        "graphs": graphs,
+    }
+    if manifest != previous:
+        _atomic_write_bytes(target / "manifest.json",
+                            lambda p: Path(p).write_text(json.dumps(manifest, indent=2) + "\n"))
+    return target
+
+
+def _read_manifest(target: Path) -> dict | None:
+    try:
+        return json.loads((target / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None

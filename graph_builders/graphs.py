@@ -1,0 +1,250 @@
+"""MAX graphs of Whisper's network, built from `model.json`'s dimensions alone.
+
+Three graphs cover what the decoding loop needs:
+- `encoder`: log-mel windows -> audio features.
+- `decoder_prefill`: the first decoder pass over a token prefix; computes every layer's
+  cross-attention keys and values once, fills the self-attention cache, returns the logits of
+  the positions asked for.
+- `decoder_step`: one token per row; reads the self-attention cache and appends to it.
+
+Caches stay in MAX buffers between calls: the runtime feeds a step's cache outputs to the next
+step without copying them to numpy. Attention keys are kept transposed ([batch, head, head_dim,
+ctx]) so a step multiplies by them without a transpose.
+
+Weights enter as graph weights named after the checkpoint tensors, bound at init from the
+safetensors. Each records how it is derived from its tensor (see WeightSpec): linear weights are
+stored (in, out), since `x @ W` reads them faster than the transposed (out, in) layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from max.dtype import DType
+from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
+
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How a graph weight is made from a checkpoint tensor: the manifest's contract with the runtime.
+
+    transform: "none" (as stored), "transpose" (2-D, (out, in) -> (in, out)),
+    "conv1d_rscf" ((out, in, k) -> (1, k, in, out), conv2d's filter layout).
+    The value is cast to `dtype` after the transform.
+    """
+
+    name: str
+    source: str
+    transform: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class WeightSet:
+    """Creates graph weights once per name and records their specs."""
+
+    def __init__(self, device: DeviceRef):
+        self.device = device
+        self.specs: dict[str, WeightSpec] = {}
+        self._weights: dict[str, Weight] = {}
+
+    def get(self, source: str, shape: tuple[int, ...], transform: str = "none") -> Weight:
+        name = source if transform == "none" else f"{source}:{transform}"
+        if name not in self._weights:
+            self._weights[name] = Weight(name, DType.float32, list(shape), device=self.device)
+            self.specs[name] = WeightSpec(name, source, transform, tuple(shape))
+        return self._weights[name]
+
+
+@dataclass(frozen=True)
+class BuiltGraph:
+    name: str
+    graph: Graph
+    weights: tuple[WeightSpec, ...]
+
+
+class WhisperGraphs:
+    """Builds the graphs for one model's dimensions on one device."""
+
+    def __init__(self, dims: dict, device: DeviceRef):
+        self.dims = dims
+        self.device = device
+
+    # -- building blocks -------------------------------------------------------------------
+    def _linear(self, w: WeightSet, x: TensorValue, prefix: str, n_in: int, n_out: int, bias: bool = True) -> TensorValue:
+        y = x @ w.get(f"{prefix}.weight", (n_in, n_out), "transpose")
+        if bias:
+            y = y + w.get(f"{prefix}.bias", (n_out,))
+        return y
+
+    def _layer_norm(self, w: WeightSet, x: TensorValue, prefix: str, n_state: int) -> TensorValue:
+        return ops.layer_norm(x, w.get(f"{prefix}.weight", (n_state,)), w.get(f"{prefix}.bias", (n_state,)), LAYER_NORM_EPS)
+
+    def _mlp(self, w: WeightSet, x: TensorValue, prefix: str, n_state: int) -> TensorValue:
+        h = ops.gelu(self._linear(w, x, f"{prefix}.mlp.0", n_state, 4 * n_state), approximate="none")
+        return self._linear(w, h, f"{prefix}.mlp.2", 4 * n_state, n_state)
+
+    @staticmethod
+    def _split_heads(x: TensorValue, n_head: int, keys: bool = False) -> TensorValue:
+        """[batch, ctx, state] -> [batch, head, ctx, head_dim], or [batch, head, head_dim, ctx] for keys."""
+        batch, ctx, n_state = x.shape
+        x = ops.reshape(x, [batch, ctx, n_head, int(n_state) // n_head])
+        return ops.permute(x, [0, 2, 3, 1] if keys else [0, 2, 1, 3])
+
+    @staticmethod
+    def _merge_heads(x: TensorValue) -> TensorValue:
+        batch, n_head, ctx, head_dim = x.shape
+        return ops.reshape(ops.permute(x, [0, 2, 1, 3]), [batch, ctx, int(n_head) * int(head_dim)])
+
+    @staticmethod
+    def _attend(q: TensorValue, k_t: TensorValue, v: TensorValue, causal: bool = False) -> TensorValue:
+        """softmax(q k^T / sqrt(head_dim)) v, with q [b, h, n, d], k_t [b, h, d, m], v [b, h, m, d]."""
+        head_dim = int(q.shape[-1])
+        # `scores * scale` in this order is what MAX's fused-attention pattern expects.
+        scores = (q @ k_t) * (1.0 / math.sqrt(head_dim))
+        if causal:
+            # The mask comes from band_part: in MAX 26.7 a where() whose condition compared two
+            # ops.range tensors left the scores unmasked inside this graph (checked against numpy).
+            # A large finite value, not -inf: exp() makes it exactly 0 all the same, while -inf turns
+            # a fully masked block of a blockwise softmax into NaN (-inf minus -inf).
+            n = scores.shape[-1]
+            ones = ops.broadcast_to(ops.constant(1.0, DType.float32, device=q.device), [n, n])
+            lower = ops.cast(ops.band_part(ones, num_lower=None, num_upper=0), DType.bool)
+            scores = ops.where(lower, scores, ops.constant(-1e30, DType.float32, device=q.device))
+        return ops.softmax(scores) @ v
+
+    def _self_attention_qkv(self, w: WeightSet, x: TensorValue, prefix: str, n_state: int, n_head: int):
+        q = self._split_heads(self._linear(w, x, f"{prefix}.query", n_state, n_state), n_head)
+        k_t = self._split_heads(self._linear(w, x, f"{prefix}.key", n_state, n_state, bias=False), n_head, keys=True)
+        v = self._split_heads(self._linear(w, x, f"{prefix}.value", n_state, n_state), n_head)
+        return q, k_t, v
+
+    # -- encoder ---------------------------------------------------------------------------
+    def encoder(self) -> BuiltGraph:
+        d = self.dims
+        n_state, n_head = d["n_audio_state"], d["n_audio_head"]
+        w = WeightSet(self.device)
+        mel_type = TensorType(DType.float32, ["batch", d["n_mels"], 2 * d["n_audio_ctx"]], device=self.device)
+        with Graph("encoder", input_types=[mel_type]) as graph:
+            mel = graph.inputs[0].tensor
+            # Channels-last with a unit height: conv2d's NHWC layout gives [batch, 1, ctx, state].
+            x = ops.unsqueeze(ops.permute(mel, [0, 2, 1]), 1)
+            x = ops.conv2d(x, w.get("encoder.conv1.weight", (1, 3, d["n_mels"], n_state), "conv1d_rscf"),
+                           padding=(0, 0, 1, 1), bias=w.get("encoder.conv1.bias", (n_state,)))
+            x = ops.gelu(x, approximate="none")
+            x = ops.conv2d(x, w.get("encoder.conv2.weight", (1, 3, n_state, n_state), "conv1d_rscf"),
+                           stride=(1, 2), padding=(0, 0, 1, 1), bias=w.get("encoder.conv2.bias", (n_state,)))
+            x = ops.gelu(x, approximate="none")
+            x = ops.squeeze(x, 1)
+            x = x + w.get("encoder.positional_embedding", (d["n_audio_ctx"], n_state))
+            for i in range(d["n_audio_layer"]):
+                prefix = f"encoder.blocks.{i}"
+                h = self._layer_norm(w, x, f"{prefix}.attn_ln", n_state)
+                q, k_t, v = self._self_attention_qkv(w, h, f"{prefix}.attn", n_state, n_head)
+                x = x + self._linear(w, self._merge_heads(self._attend(q, k_t, v)), f"{prefix}.attn.out", n_state, n_state)
+                x = x + self._mlp(w, self._layer_norm(w, x, f"{prefix}.mlp_ln", n_state), prefix, n_state)
+            graph.output(self._layer_norm(w, x, "encoder.ln_post", n_state))
+        return BuiltGraph("encoder", graph, tuple(w.specs.values()))
+
+    # -- decoder ---------------------------------------------------------------------------
+    def _decoder_layers(self, w: WeightSet, x: TensorValue, self_kv, cross_kv, causal: bool):
+        """Runs every decoder block. self_kv[i] is (k_t, v) to attend to, given the new
+        positions' (k_t, v) and returning the full cache; cross_kv[i] is (k_t, v) of the audio."""
+        d = self.dims
+        n_state, n_head = d["n_text_state"], d["n_text_head"]
+        new_cache = []
+        for i in range(d["n_text_layer"]):
+            prefix = f"decoder.blocks.{i}"
+            h = self._layer_norm(w, x, f"{prefix}.attn_ln", n_state)
+            q, k_t, v = self._self_attention_qkv(w, h, f"{prefix}.attn", n_state, n_head)
+            k_t, v = self_kv(i, k_t, v)
+            new_cache += [k_t, v]
+            x = x + self._linear(w, self._merge_heads(self._attend(q, k_t, v, causal)), f"{prefix}.attn.out", n_state, n_state)
+            h = self._layer_norm(w, x, f"{prefix}.cross_attn_ln", n_state)
+            q = self._split_heads(self._linear(w, h, f"{prefix}.cross_attn.query", n_state, n_state), n_head)
+            ck_t, cv = cross_kv[i]
+            x = x + self._linear(w, self._merge_heads(self._attend(q, ck_t, cv)), f"{prefix}.cross_attn.out", n_state, n_state)
+            x = x + self._mlp(w, self._layer_norm(w, x, f"{prefix}.mlp_ln", n_state), prefix, n_state)
+        return self._layer_norm(w, x, "decoder.ln", n_state), new_cache
+
+    def _logits(self, w: WeightSet, x: TensorValue) -> TensorValue:
+        d = self.dims
+        # The output projection shares the token embedding; stored (state, vocab) for `x @ W`.
+        return x @ w.get("decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"]), "transpose")
+
+    def _embed(self, w: WeightSet, tokens: TensorValue, positions: TensorValue) -> TensorValue:
+        d = self.dims
+        tok = ops.gather(w.get("decoder.token_embedding.weight", (d["n_vocab"], d["n_text_state"])), tokens, axis=0)
+        pos = ops.gather(w.get("decoder.positional_embedding", (d["n_text_ctx"], d["n_text_state"])), positions, axis=0)
+        return tok + pos
+
+    def decoder_prefill(self) -> BuiltGraph:
+        """Inputs: tokens int64 [batch, n], logit_positions int64 [p], audio_features [batch, n_audio_ctx, state].
+        Outputs: logits [batch, p, vocab], then per layer self k_t, self v, then per layer cross k_t, cross v."""
+        d = self.dims
+        n_state, n_head = d["n_text_state"], d["n_text_head"]
+        w = WeightSet(self.device)
+        input_types = [
+            TensorType(DType.int64, ["batch", "n_tokens"], device=self.device),
+            TensorType(DType.int64, ["n_logits"], device=self.device),
+            TensorType(DType.float32, ["batch", d["n_audio_ctx"], d["n_audio_state"]], device=self.device),
+        ]
+        with Graph("decoder_prefill", input_types=input_types) as graph:
+            tokens, logit_positions, audio = (v.tensor for v in graph.inputs)
+            n = tokens.shape[1]
+            positions = ops.range(0, n, 1, out_dim=n, dtype=DType.int64, device=self.device)
+            x = self._embed(w, tokens, positions)
+            cross = []
+            for i in range(d["n_text_layer"]):
+                prefix = f"decoder.blocks.{i}.cross_attn"
+                ck_t = self._split_heads(self._linear(w, audio, f"{prefix}.key", d["n_audio_state"], n_state, bias=False), n_head, keys=True)
+                cv = self._split_heads(self._linear(w, audio, f"{prefix}.value", d["n_audio_state"], n_state), n_head)
+                cross.append((ck_t, cv))
+            x, cache = self._decoder_layers(w, x, lambda i, k_t, v: (k_t, v), cross, causal=True)
+            logits = self._logits(w, ops.gather(x, logit_positions, axis=1))
+            graph.output(logits, *cache, *(t for pair in cross for t in pair))
+        return BuiltGraph("decoder_prefill", graph, tuple(w.specs.values()))
+
+    def decoder_step(self) -> BuiltGraph:
+        """Inputs: tokens int64 [batch, 1], position int64 [1], then per layer self k_t [batch, head,
+        head_dim, n] and self v [batch, head, n, head_dim], then per layer cross k_t and cross v.
+        Outputs: logits [batch, vocab], then the per-layer self caches grown by one position."""
+        d = self.dims
+        n_state, n_head = d["n_text_state"], d["n_text_head"]
+        head_dim = n_state // n_head
+        n_layer = d["n_text_layer"]
+        w = WeightSet(self.device)
+        k_type = TensorType(DType.float32, ["batch", n_head, head_dim, "n_past"], device=self.device)
+        v_type = TensorType(DType.float32, ["batch", n_head, "n_past", head_dim], device=self.device)
+        ck_type = TensorType(DType.float32, ["batch", n_head, head_dim, d["n_audio_ctx"]], device=self.device)
+        cv_type = TensorType(DType.float32, ["batch", n_head, d["n_audio_ctx"], head_dim], device=self.device)
+        input_types = [
+            TensorType(DType.int64, ["batch", 1], device=self.device),
+            TensorType(DType.int64, [1], device=self.device),
+            *([k_type, v_type] * n_layer),
+            *([ck_type, cv_type] * n_layer),
+        ]
+        with Graph("decoder_step", input_types=input_types) as graph:
+            values = [v.tensor for v in graph.inputs]
+            tokens, position = values[0], values[1]
+            past = values[2:2 + 2 * n_layer]
+            cross_flat = values[2 + 2 * n_layer:]
+            cross = [(cross_flat[2 * i], cross_flat[2 * i + 1]) for i in range(n_layer)]
+            x = self._embed(w, tokens, position)
+
+            def grow(i, k_t, v):
+                return ops.concat([past[2 * i], k_t], axis=3), ops.concat([past[2 * i + 1], v], axis=2)
+
+            x, cache = self._decoder_layers(w, x, grow, cross, causal=False)
+            logits = ops.squeeze(self._logits(w, x), 1)
+            graph.output(logits, *cache)
+        return BuiltGraph("decoder_step", graph, tuple(w.specs.values()))
+
+    def all(self) -> list[BuiltGraph]:
+        return [self.encoder(), self.decoder_prefill(), self.decoder_step()]

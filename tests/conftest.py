@@ -1,0 +1,99 @@
+"""Session-wide fixtures: one generated checkpoint, converted and compiled once per test run.
+
+MAX compiles a graph in about two minutes cold on two cores, so every test that needs artifacts
+shares the ones built here (and MAX's own cache makes a second run take seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+from audio_samples import synthesize_speech  # noqa: E402
+from checkpoints import TINY_DIMS, write_random_checkpoint  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def run_tool(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of the project's console commands (converter, graph-builders, runtime)."""
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def pytest_collection_modifyitems(config, items):
+    from max import driver
+
+    if driver.accelerator_count() == 0:
+        skip = pytest.mark.skip(reason="needs a GPU; none is attached")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(work_dir) -> Path:
+    return write_random_checkpoint(work_dir / "tiny-random.pt", TINY_DIMS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(work_dir, tiny_checkpoint) -> Path:
+    """artifacts/<name> for the generated checkpoint: converted, validated and compiled for cpu."""
+    artifacts = work_dir / "artifacts"
+    run_tool("converter", "convert", "--checkpoint", str(tiny_checkpoint), "--name", "tiny-random",
+             "--out-dir", str(artifacts))
+    run_tool("graph-builders", "compile", str(artifacts / "tiny-random"), "--device", "cpu")
+    return artifacts / "tiny-random"
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(tiny_model_dir):
+    from runtime import load_model
+
+    return load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def torch_tiny(tiny_checkpoint):
+    import whisper
+
+    return whisper.load_model(str(tiny_checkpoint), device="cpu").float().eval()
+
+
+@pytest.fixture(scope="session")
+def speech_72s(work_dir) -> Path:
+    """About 72 s of synthesized speech: three 30 s windows."""
+    return synthesize_speech(work_dir / "speech-72s.wav", n_sentences=15)
+
+
+@pytest.fixture
+def isolated_copy(tmp_path):
+    """Copy a folder into this test's tmp_path, so a test may damage its copy."""
+
+    def copy(source: Path) -> Path:
+        target = tmp_path / source.name
+        shutil.copytree(source, target)
+        return target
+
+    return copy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_max_logs():
+    os.environ.setdefault("MODULAR_LOG_LEVEL", "error")

@@ -1,0 +1,313 @@
+"""runtime.audio against openai-whisper's whisper.audio (the reference; used only in tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import audio
+from runtime.audio import AudioError, load_audio, load_mel_filters, log_mel_spectrogram, pad_or_trim
+try:  # tests/ is on sys.path when it is not a package (pytest's default rootdir-less import)
+    from audio_samples import convert_audio, synthesize_speech
+except ImportError:  # tests/ made a package
+    from tests.audio_samples import convert_audio, synthesize_speech
+
+whisper_audio = pytest.importorskip("whisper.audio")
+torch = pytest.importorskip("torch")
+
+WHISPER_MEL_FILTERS = Path(whisper_audio.__file__).parent / "assets" / "mel_filters.npz"
+
+# Largest |runtime - whisper| allowed in the log-Mel values (which span about -1 .. 2). Our STFT is
+# float64; whisper's is float32, so the difference is torch's own rounding (measured ~4.6e-5).
+MEL_MAX_ABS_TOL = 1e-4
+MEL_MEAN_ABS_TOL = 1e-6
+
+
+@pytest.fixture(scope="session")
+def speech_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("speech")
+
+
+@pytest.fixture(scope="session")
+def speech_wav(speech_dir) -> Path:
+    return synthesize_speech(speech_dir / "speech.wav", n_sentences=3)
+
+
+FORMATS = {
+    "mp3": ("speech.mp3", ["-ar", "44100", "-ac", "2", "-codec:a", "libmp3lame", "-b:a", "96k"]),
+    "ogg_vorbis": ("speech_vorbis.ogg", ["-ar", "22050", "-ac", "1", "-codec:a", "libvorbis"]),
+    "ogg_opus": ("speech_opus.ogg", ["-ar", "48000", "-ac", "1", "-codec:a", "libopus"]),
+    "wav_8k_mono": ("speech_8k.wav", ["-ar", "8000", "-ac", "1"]),
+    "wav_44k_stereo": ("speech_44k.wav", ["-ar", "44100", "-ac", "2"]),
+    "flac_44k_stereo": ("speech_44k.flac", ["-ar", "44100", "-ac", "2"]),
+}
+
+
+@pytest.fixture(scope="session")
+def encoded(speech_dir, speech_wav):
+    return {name: convert_audio(speech_wav, speech_dir / filename, args) for name, (filename, args) in FORMATS.items()}
+
+
+@pytest.fixture(scope="session")
+def speech_samples(speech_wav) -> np.ndarray:
+    return whisper_audio.load_audio(str(speech_wav))
+
+
+# --- constants ---------------------------------------------------------------------------------
+
+
+def test_constants_match_whisper():
+    for name in ("SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_LENGTH", "N_SAMPLES", "N_FRAMES",
+                 "N_SAMPLES_PER_TOKEN", "FRAMES_PER_SECOND", "TOKENS_PER_SECOND"):
+        assert getattr(audio, name) == getattr(whisper_audio, name), name
+    assert (audio.N_SAMPLES, audio.N_FRAMES, audio.TOKENS_PER_SECOND) == (480000, 3000, 50)
+
+
+# --- load_audio --------------------------------------------------------------------------------
+
+
+def test_load_audio_wav_equals_whisper(speech_wav, speech_samples):
+    ours = load_audio(speech_wav)  # a Path works too
+    assert ours.dtype == np.float32 and ours.ndim == 1
+    assert 10 * audio.SAMPLE_RATE < ours.size < 20 * audio.SAMPLE_RATE  # 3 sentences, ~14 s
+    assert np.array_equal(ours, speech_samples)
+    assert np.abs(ours).max() > 0.05  # it is speech, not silence
+    assert ours.min() >= -1.0 and ours.max() < 1.0
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_load_audio_equals_whisper(encoded, name):
+    path = str(encoded[name])
+    expected = whisper_audio.load_audio(path)
+    ours = load_audio(path)
+    assert ours.dtype == np.float32
+    assert ours.shape == expected.shape
+    assert np.array_equal(ours, expected)
+
+
+def test_load_audio_other_rate_equals_whisper(encoded):
+    path = str(encoded["wav_44k_stereo"])
+    ours = load_audio(path, sr=8000)
+    assert np.array_equal(ours, whisper_audio.load_audio(path, sr=8000))
+    assert abs(ours.size - load_audio(path).size / 2) <= 2
+
+
+def _assert_one_line_audio_error(excinfo, path):
+    message = str(excinfo.value)
+    assert "\n" not in message and "\r" not in message
+    assert str(path) in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "does_not_exist.wav"
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(path)
+    assert "not found" in _assert_one_line_audio_error(excinfo, path)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(tmp_path)
+    assert "directory" in _assert_one_line_audio_error(excinfo, tmp_path)
+
+
+def test_fifo_is_refused_not_hung(tmp_path):
+    path = tmp_path / "pipe.wav"
+    os.mkfifo(path)  # ffmpeg would wait forever for a writer
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(path)
+    assert "not a regular file" in _assert_one_line_audio_error(excinfo, path)
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "noise.mp3"
+    path.write_bytes(np.random.default_rng(1234).bytes(20000))
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(path)
+    message = _assert_one_line_audio_error(excinfo, path)
+    assert "ffmpeg cannot decode" in message
+    # ffmpeg's own last stderr line is passed on
+    stderr = subprocess.run(["ffmpeg", "-nostdin", "-i", str(path), "-f", "s16le", "-"],
+                            capture_output=True, text=True).stderr
+    last_line = [line for line in stderr.splitlines() if line.strip()][-1].strip()
+    assert message.endswith(last_line)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.wav"
+    path.write_bytes(b"")
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(path)
+    assert "empty" in _assert_one_line_audio_error(excinfo, path)
+
+
+def test_zero_sample_container(tmp_path, speech_wav):
+    path = convert_audio(speech_wav, tmp_path / "zero.wav", ["-t", "0"])
+    assert path.stat().st_size > 0  # a valid WAV header, no samples
+    assert whisper_audio.load_audio(str(path)).size == 0  # whisper returns an empty array here
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(path)
+    assert "0 samples" in _assert_one_line_audio_error(excinfo, path)
+
+
+def test_ffmpeg_not_installed(tmp_path, monkeypatch, speech_wav):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without ffmpeg
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(speech_wav)
+    assert "apt-get install ffmpeg" in _assert_one_line_audio_error(excinfo, speech_wav)
+
+
+def test_audio_error_is_value_error():
+    assert issubclass(AudioError, ValueError)
+
+
+def test_bad_sample_rate(speech_wav):
+    with pytest.raises(ValueError, match="sample rate"):
+        load_audio(speech_wav, sr=0)
+
+
+# --- mel filters -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_load_mel_filters_equals_whisper(n_mels):
+    ours = load_mel_filters(WHISPER_MEL_FILTERS, n_mels)
+    expected = whisper_audio.mel_filters("cpu", n_mels).numpy()
+    assert ours.dtype == np.float32
+    assert ours.shape == (n_mels, 1 + audio.N_FFT // 2)
+    assert np.array_equal(ours, expected)
+
+
+def test_load_mel_filters_errors(tmp_path):
+    with pytest.raises(AudioError, match="n_mels=40"):
+        load_mel_filters(WHISPER_MEL_FILTERS, 40)
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(AudioError, match="not found"):
+        load_mel_filters(missing, 80)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(AudioError, match="not a readable") as excinfo:
+        load_mel_filters(garbage, 80)
+    assert "\n" not in str(excinfo.value)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, mel_80=np.zeros((80, 200), np.float32))
+    with pytest.raises(AudioError, match="shape"):
+        load_mel_filters(wrong, 80)
+
+
+# --- pad_or_trim -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,length,axis", [
+    ((1000,), 480, -1),        # trim
+    ((1000,), 1500, -1),       # pad
+    ((1000,), 1000, -1),       # unchanged
+    ((80, 3500), 3000, -1),    # trim frames of a mel
+    ((80, 2000), 3000, -1),    # pad frames of a mel
+    ((5, 7), 9, 0),            # pad along the first axis
+    ((5, 7), 2, 0),            # trim along the first axis
+])
+def test_pad_or_trim_equals_whisper(shape, length, axis):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) + 1.0  # no zeros inside
+    ours = pad_or_trim(x, length, axis=axis)
+    expected = whisper_audio.pad_or_trim(x, length, axis=axis)
+    assert ours.shape == expected.shape and ours.shape[axis] == length
+    assert ours.dtype == x.dtype
+    assert np.array_equal(ours, expected)
+
+
+def test_pad_or_trim_defaults_and_values():
+    x = np.arange(1, 11, dtype=np.float32)
+    padded = pad_or_trim(x)
+    assert padded.shape == (audio.N_SAMPLES,)
+    assert np.array_equal(padded[:10], x) and not padded[10:].any()
+    assert np.array_equal(pad_or_trim(x, 4), [1, 2, 3, 4])
+    with pytest.raises(ValueError):
+        pad_or_trim(x, -1)
+
+
+# --- log_mel_spectrogram -----------------------------------------------------------------------
+
+
+def _assert_close_to_whisper(ours, expected):
+    assert ours.dtype == np.float32
+    assert ours.shape == expected.shape
+    diff = np.abs(ours.astype(np.float64) - expected.astype(np.float64))
+    assert diff.max() < MEL_MAX_ABS_TOL, diff.max()
+    assert diff.mean() < MEL_MEAN_ABS_TOL, diff.mean()
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+@pytest.mark.parametrize("padding", [0, audio.N_SAMPLES])
+def test_log_mel_equals_whisper(speech_samples, n_mels, padding):
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, n_mels)
+    expected = whisper_audio.log_mel_spectrogram(speech_samples, n_mels, padding=padding).numpy()
+    ours = log_mel_spectrogram(speech_samples, filters, padding=padding)
+    assert ours.shape == (n_mels, (speech_samples.size + padding) // audio.HOP_LENGTH)
+    _assert_close_to_whisper(ours, expected)
+
+
+def test_log_mel_30s_window_equals_whisper(speech_samples):
+    window = pad_or_trim(speech_samples)
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    ours = log_mel_spectrogram(window, filters)
+    assert ours.shape == (80, audio.N_FRAMES)
+    _assert_close_to_whisper(ours, whisper_audio.log_mel_spectrogram(window, 80).numpy())
+
+
+@pytest.mark.parametrize("length", [201, 399, 400, 401, 1234, 16000])
+def test_log_mel_short_and_odd_lengths(length):
+    rng = np.random.default_rng(length)
+    x = (0.1 * rng.standard_normal(length)).astype(np.float32)
+    x[: length // 3] = 0.0  # a stretch of digital silence too
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    _assert_close_to_whisper(log_mel_spectrogram(x, filters), whisper_audio.log_mel_spectrogram(x, 80).numpy())
+
+
+def test_log_mel_float64_input_is_treated_as_float32(speech_samples):
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    clip = speech_samples[: 5 * audio.SAMPLE_RATE]
+    assert np.array_equal(log_mel_spectrogram(clip.astype(np.float64), filters), log_mel_spectrogram(clip, filters))
+
+
+def test_log_mel_bad_input():
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    with pytest.raises(ValueError, match="too short"):
+        log_mel_spectrogram(np.zeros(200, np.float32), filters)
+    with pytest.raises(ValueError, match="1-D"):
+        log_mel_spectrogram(np.zeros((2, 16000), np.float32), filters)
+    with pytest.raises(ValueError, match="Mel filters"):
+        log_mel_spectrogram(np.zeros(16000, np.float32), filters[:, :200])
+    with pytest.raises(ValueError, match="padding"):
+        log_mel_spectrogram(np.zeros(16000, np.float32), filters, padding=-1)
+
+
+def test_log_mel_is_fast_for_160_seconds(speech_samples):
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 128)
+    n = 160 * audio.SAMPLE_RATE
+    signal = np.resize(speech_samples, n).astype(np.float32)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        mel = log_mel_spectrogram(signal, filters, padding=audio.N_SAMPLES)
+        best = min(best, time.perf_counter() - start)
+    assert mel.shape == (128, (n + audio.N_SAMPLES) // audio.HOP_LENGTH)
+    assert best < 0.5, f"log_mel_spectrogram took {best:.3f} s for 160 s of audio"
+
+
+def test_runtime_audio_does_not_import_torch_or_whisper():
+    source = Path(audio.__file__).read_text()
+    assert "import torch" not in source and "import whisper" not in source and "from whisper" not in source
+
+
+def test_timeout_kills_ffmpeg(encoded):
+    path = encoded["mp3"]
+    with pytest.raises(AudioError, match="did not finish") as excinfo:
+        load_audio(path, timeout=1e-6)
+    assert "\n" not in str(excinfo.value)
