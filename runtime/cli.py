@@ -91,8 +91,7 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
         model = load_model(model_dir, device=device, threads=threads or None)
     except ArtifactError as exc:
         _fail(str(exc))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write = get_writer(output_format, str(output_dir))
+    write = None  # made on first use: a run that fails everywhere leaves no output folder behind
     failed = 0
     for path in audio:
         try:
@@ -101,6 +100,9 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
             click.echo(f"error: {path}: {_one_line(exc)}", err=True)
             failed += 1
             continue
+        if write is None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write = get_writer(output_format, str(output_dir))
         write(result, str(path), {"max_line_width": None, "max_line_count": None, "highlight_words": False,
                                    "max_words_per_line": None})
     if failed:

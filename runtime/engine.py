@@ -122,6 +122,10 @@ class WhisperModel:
         weights_path = self.model_dir / model["weights"]["file"]
         if not weights_path.is_file():
             raise ArtifactError(f"{weights_path} not found; {fix_convert}")
+        expected_bytes = model["weights"].get("bytes")
+        if expected_bytes is not None and weights_path.stat().st_size != expected_bytes:
+            raise ArtifactError(f"{weights_path} is {weights_path.stat().st_size} bytes, model.json records "
+                                f"{expected_bytes} (truncated or replaced); {fix_convert}")
         if verify_checksums:
             for path, expected in [(weights_path, model["weights"]["sha256"]),
                                    *((target_dir / g["file"], g["sha256"]) for g in manifest["graphs"].values())]:

@@ -1,0 +1,75 @@
+"""Compiled graphs against openai-whisper's torch model: encoder output and decoder logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+TOLERANCE = 1e-4  # observed: about 3e-6 (float32, different summation order)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(7)
+    mel = rng.uniform(-1.0, 1.5, size=(2, 80, 3000)).astype(np.float32)
+    tokens = np.array([[50258, 50259, 50359, 50363, 440, 1000, 7],
+                       [50258, 50259, 50359, 50363, 2000, 300, 11]])
+    return mel, tokens
+
+
+@pytest.fixture(scope="module")
+def reference(torch_tiny, inputs):
+    mel, tokens = inputs
+    with torch.no_grad():
+        audio = torch_tiny.encoder(torch.from_numpy(mel))
+        logits = torch_tiny.decoder(torch.from_numpy(tokens), audio)
+    return audio.numpy(), logits.numpy()
+
+
+def test_encoder_matches_torch(tiny_runtime, inputs, reference):
+    features = tiny_runtime.encode(inputs[0])
+    ours = features.buffer.to_numpy()
+    assert ours.shape == reference[0].shape == (2, 1500, 384)
+    assert np.abs(ours - reference[0]).max() < TOLERANCE
+
+
+def test_prefill_then_steps_match_torch(tiny_runtime, inputs, reference):
+    mel, tokens = inputs
+    session = tiny_runtime.decoder(tiny_runtime.encode(mel))
+    prefix = 4
+    logits = session.prefill(tokens[:, :prefix], [0, prefix - 1])
+    assert logits.shape == (2, 2, 51865)
+    assert np.abs(logits - reference[1][:, [0, prefix - 1]]).max() < TOLERANCE
+    for position in range(prefix, tokens.shape[1]):
+        step = session.step(tokens[:, position])
+        assert step.shape == (2, 51865)
+        assert np.abs(step - reference[1][:, position]).max() < TOLERANCE, f"position {position}"
+
+
+def test_repeats_and_reorder_follow_their_rows(tiny_runtime, inputs, reference):
+    """Each audio row serves `repeats` sequences; reorder moves cache rows (beam search's seam)."""
+    mel, tokens = inputs
+    session = tiny_runtime.decoder(tiny_runtime.encode(mel), repeats=2)
+    rows = tokens[[0, 0, 1, 1], :5]
+    session.prefill(rows, [4])
+    session.reorder([2, 3, 0, 1])  # rows now hold audio 1, 1, 0, 0
+    step = session.step(tokens[[1, 1, 0, 0], 5])
+    expected = reference[1][[1, 1, 0, 0], 5]
+    assert np.abs(step - expected).max() < TOLERANCE
+
+
+def test_manifest_records_provenance(tiny_model_dir):
+    from importlib.metadata import version
+
+    manifest = json.loads((tiny_model_dir / "cpu" / "manifest.json").read_text())
+    model = json.loads((tiny_model_dir / "model.json").read_text())
+    assert manifest["max_version"] == version("max")
+    assert manifest["device"] == "cpu" and manifest["arch"] is None
+    assert manifest["model"]["weights_sha256"] == model["weights"]["sha256"]
+    assert manifest["model"]["source_sha256"] == model["source"]["sha256"]
+    assert set(manifest["graphs"]) == {"encoder", "decoder_prefill", "decoder_step"}
+    for graph in manifest["graphs"].values():
+        assert len(graph["signature"]) == 64 and graph["weights"] and graph["inputs"]

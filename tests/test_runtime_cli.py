@@ -1,0 +1,167 @@
+"""The `runtime` command: output files, the no-torch rule, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from audio_samples import synthesize_speech
+from conftest import run_tool
+
+DECODE = ["--language", "en", "--temperature-increment-on-fallback", "none", "--verbose", "False"]
+
+
+@pytest.fixture(scope="module")
+def short_speech(tmp_path_factory):
+    return synthesize_speech(tmp_path_factory.mktemp("short") / "short.wav", n_sentences=3)
+
+
+def transcribe_cli(model_dir, audio, out_dir, *extra, check=True):
+    return run_tool("runtime", "transcribe", *map(str, audio if isinstance(audio, list) else [audio]),
+                    "--model", str(model_dir), "--output-dir", str(out_dir), *DECODE, *extra, check=check)
+
+
+def assert_nothing_written(out_dir):
+    assert not out_dir.exists() or not any(out_dir.iterdir()), sorted(out_dir.iterdir())
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_output_files_equal_openai_whispers_writers(tiny_model_dir, torch_tiny, short_speech, tmp_path):
+    """Text formats hold text and timestamps only: byte-equal to openai-whisper's files for its own
+    result. JSON also holds avg_logprob and friends, which MAX and torch agree on to about 1e-7, not
+    bit for bit: our JSON is byte-equal to openai-whisper's writer on our result, and its values
+    match openai-whisper's result."""
+    import whisper
+    from whisper.utils import get_writer
+
+    writer_options = {"max_line_width": None, "max_line_count": None, "highlight_words": False}
+    ours = tmp_path / "ours"
+    transcribe_cli(tiny_model_dir, short_speech, ours, "--output-format", "all")
+    reference = whisper.transcribe(torch_tiny, str(short_speech), fp16=False, temperature=0.0, language="en",
+                                   verbose=None)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    get_writer("all", str(theirs))(reference, str(short_speech), writer_options)
+    names = sorted(p.name for p in theirs.iterdir())
+    assert names == ["short.json", "short.srt", "short.tsv", "short.txt", "short.vtt"]
+    assert sorted(p.name for p in ours.iterdir()) == names
+    for name in ("short.srt", "short.tsv", "short.txt", "short.vtt"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+    our_result = json.loads((ours / "short.json").read_text())
+    rewritten = tmp_path / "rewritten"
+    rewritten.mkdir()
+    get_writer("json", str(rewritten))(our_result, str(short_speech), writer_options)
+    assert (rewritten / "short.json").read_bytes() == (ours / "short.json").read_bytes()
+    assert our_result["text"] == reference["text"] and our_result["language"] == reference["language"]
+    for our_segment, ref_segment in zip(our_result["segments"], reference["segments"], strict=True):
+        for key, value in ref_segment.items():
+            if isinstance(value, float):
+                assert our_segment[key] == pytest.approx(value, abs=1e-4), key
+            else:
+                assert our_segment[key] == value, key
+
+
+def test_runtime_never_imports_torch_or_whisper(tiny_model_dir, short_speech):
+    code = (
+        "import sys, runtime\n"
+        f"model = runtime.load_model({str(tiny_model_dir)!r})\n"
+        f"result = runtime.transcribe(model, {str(short_speech)!r}, language='en', temperature=0.0, verbose=None)\n"
+        "assert result['segments'], result\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'whisper'))\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_missing_audio_file(tiny_model_dir, tmp_path):
+    result = transcribe_cli(tiny_model_dir, tmp_path / "nope.wav", tmp_path / "out", check=False)
+    assert_one_line_error(result, "not found", "nope.wav")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage"])
+def test_unreadable_audio(tiny_model_dir, tmp_path, kind):
+    audio = tmp_path / f"{kind}.mp3"
+    audio.write_bytes(b"" if kind == "empty" else b"\x00\x01 definitely not audio " * 64)
+    result = transcribe_cli(tiny_model_dir, audio, tmp_path / "out", check=False)
+    assert_one_line_error(result, str(audio.name))
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_truncated_weights(isolated_copy, tiny_model_dir, short_speech, tmp_path):
+    model = isolated_copy(tiny_model_dir)
+    weights = model / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
+    assert_one_line_error(result, "truncated", "make convert")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_weights_checksum_mismatch(isolated_copy, tiny_model_dir, short_speech, tmp_path):
+    model = isolated_copy(tiny_model_dir)
+    weights = model / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1000] ^= 0xFF  # same size, one flipped byte inside a tensor
+    weights.write_bytes(bytes(data))
+    result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
+    assert_one_line_error(result, "sha256", "make convert")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("max_version", "0.0.1", "MAX 0.0.1"),
+    ("device", "gpu", "built for gpu"),
+])
+def test_manifest_from_another_max_or_device(isolated_copy, tiny_model_dir, short_speech, tmp_path, field, value, needle):
+    model = isolated_copy(tiny_model_dir)
+    manifest_path = model / "cpu" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest[field] = value
+    manifest_path.write_text(json.dumps(manifest))
+    result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
+    assert_one_line_error(result, needle, "make compile")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_corrupt_mef(isolated_copy, tiny_model_dir, short_speech, tmp_path):
+    model = isolated_copy(tiny_model_dir)
+    mef = model / "cpu" / "decoder_step.mef"
+    mef.write_bytes(mef.read_bytes()[:1000])
+    result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
+    assert_one_line_error(result, "decoder_step.mef", "make compile")
+
+
+def test_not_compiled_says_which_make_compile(isolated_copy, tiny_model_dir, short_speech, tmp_path):
+    import shutil
+
+    model = isolated_copy(tiny_model_dir)
+    shutil.rmtree(model / "cpu")
+    result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
+    assert_one_line_error(result, f"make compile NAME={model.name} DEVICE=cpu")
+
+
+def test_gpu_requested_without_gpu(tiny_model_dir, short_speech, tmp_path):
+    from max import driver
+
+    if driver.accelerator_count() > 0:
+        pytest.skip("a GPU is attached")
+    result = transcribe_cli(tiny_model_dir, short_speech, tmp_path / "out", "--device", "gpu", check=False)
+    assert_one_line_error(result, "no GPU")
+
+
+def test_missing_model_folder(tmp_path, short_speech):
+    result = transcribe_cli(tmp_path / "no-model", short_speech, tmp_path / "out", check=False)
+    assert_one_line_error(result, "make convert")
