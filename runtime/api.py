@@ -22,7 +22,7 @@ def transcribe(model: WhisperModel | str | os.PathLike, audio: str | os.PathLike
     reads) or float32 16 kHz mono samples.
     """
     from .audio import load_mel_filters
-    from .transcribe import transcribe as transcribe_loop
+    from .longform import transcribe as transcribe_loop
 
     if not isinstance(model, WhisperModel):
         model = load_model(model)

@@ -78,6 +78,22 @@ def _resolve_target(device: str) -> Target:
     return Target("gpu", driver.accelerator_architecture_name())
 
 
+def limit_threads(threads: int | None) -> None:
+    """Run MAX's CPU kernels on `threads` cores.
+
+    MAX 26.7 aborts the process when InferenceSession gets num_threads on CPU (the session creates
+    its host device, with default options, before it applies them); it sizes its thread pool to the
+    CPUs the process may use, so the count is set through the process's CPU affinity instead, before
+    the first MAX device exists.
+    """
+    import os
+
+    if not threads or not hasattr(os, "sched_setaffinity"):
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, allowed[: max(1, threads)])
+
+
 class MaxAudioFeatures:
     def __init__(self, buffer, batch_size: int):
         self.buffer = buffer
@@ -135,9 +151,10 @@ class WhisperModel:
                     fix = fix_convert if path == weights_path else fix_compile
                     raise ArtifactError(f"{path} does not match the sha256 recorded for it (corrupt or replaced); {fix}")
 
+        limit_threads(threads)
         self._device = driver.CPU() if self.target.device == "cpu" else driver.Accelerator()
         self._host = driver.CPU()
-        self.session = InferenceSession(devices=[self._device], num_threads=threads)
+        self.session = InferenceSession(devices=[self._device])
         tensors = self._load_tensors(weights_path, fix_convert)
         bound: dict[str, object] = {}  # one array per weight name, shared by every graph that uses it
         self.graphs = {}

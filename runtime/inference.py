@@ -1,6 +1,6 @@
 """The seam between the decoding loop and the engine that runs the network.
 
-The decoding loop (runtime/decoding.py, runtime/transcribe.py) talks to the model only through
+The decoding loop (runtime/decoding.py, runtime/longform.py) talks to the model only through
 these two protocols, so it can be tested against any engine: the MAX artifacts in production
 (runtime/engine.py), or openai-whisper's torch model in the tests.
 """

@@ -1,0 +1,342 @@
+"""One timed transcription in a fresh process: `python -m bench.driver SPEC.json`.
+
+Runs under this project's venv (impl "max", "max-batched") or the peers' venv ("openai",
+"faster-whisper"), so it imports only the standard library at the top and bench.stats (itself
+standard library only). The same measurement hooks for every implementation, patched into this
+process only:
+
+- per decoding window: wall time of the window's decode call, the encoder's share of it, and the
+  number of decoded tokens (one per decoder call: the prefill gives the first, each step one more;
+  faster-whisper decodes inside CTranslate2, so its count is the length of the generated sequence);
+- the wall-clock time (time.time()) of the first decoded token, for cold start: the parent passes
+  the time just before it launched this process. faster-whisper gives no per-token hook, so its
+  first token is estimated as the start of the first window's generate plus one average token of it.
+
+The result is written as JSON to spec["result_path"]; stdout and stderr are only a log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+from bench.stats import tokens_by_window
+
+
+class Recorder:
+    """Collects the per-window figures. A window opens when a decode call starts."""
+
+    def __init__(self):
+        self.windows = []
+        self.current = None
+        self.first_token_time = None
+        self.first_token_estimated = False
+        self.total_tokens = 0
+
+    def open_window(self):
+        self.current = {"encode_s": 0.0, "n_encode": 0, "tokens": 0, "wall_s": 0.0}
+        self.windows.append(self.current)
+        return time.perf_counter()
+
+    def close_window(self, t0, n_tokens=None):
+        w = self.current
+        w["wall_s"] = time.perf_counter() - t0
+        if n_tokens is not None:
+            w["tokens"] = n_tokens
+        w["decode_s"] = w["wall_s"] - w["encode_s"]
+        self.current = None
+
+    def encoder(self, seconds):
+        w = self.current
+        if w is None:  # outside a decode call (faster-whisper, a batched runtime ...): a window of its own
+            w = {"encode_s": 0.0, "n_encode": 0, "tokens": 0, "wall_s": 0.0, "outside_decode": True}
+            self.windows.append(w)
+        w["encode_s"] += seconds
+        w["n_encode"] += 1
+
+    def token(self, n=1):
+        if self.first_token_time is None:
+            self.first_token_time = time.time()
+        self.total_tokens += n
+        if self.current is not None:
+            self.current["tokens"] += n
+
+    def summary(self):
+        windows = [w for w in self.windows if not w.get("outside_decode")]
+        enc = [w["encode_s"] for w in self.windows if w["n_encode"]]
+        return {
+            "windows": self.windows,
+            "n_windows": len(windows),
+            "n_tokens": self.total_tokens,
+            "decode_s": sum(w.get("decode_s", 0.0) for w in windows),
+            "encode_s_per_window": enc,
+            "first_token_time": self.first_token_time,
+            "first_token_estimated": self.first_token_estimated,
+        }
+
+
+def batch_rows(tokens):
+    """Sequences advanced by one decoder call: a call decodes one token for each row of its batch."""
+    try:
+        return max(1, len(tokens))
+    except TypeError:
+        return 1
+
+
+# --- implementations ------------------------------------------------------------------------
+
+def run_max(spec, rec):
+    import importlib
+    import pkgutil
+
+    import runtime
+    import runtime.decoding as decoding
+
+    transcribe_fn = runtime.transcribe
+    # the long-form loop is imported lazily by runtime.transcribe: import the package's modules now,
+    # so that every binding of decoding.decode (one call per window) can be wrapped below
+    for info in pkgutil.iter_modules(runtime.__path__):
+        if info.name not in ("cli", "__main__"):
+            try:
+                importlib.import_module(f"runtime.{info.name}")
+            except Exception:
+                pass
+    if not callable(transcribe_fn):  # a submodule named like the API function would shadow it
+        transcribe_fn = runtime.api.transcribe
+
+    versions = {"max": _version("max"), "numpy": _version("numpy")}
+    t = time.perf_counter()
+    model = runtime.load_model(spec["model"], device=spec.get("device", "cpu"), threads=spec["threads"])
+    load_s = time.perf_counter() - t
+
+    # the runtime.inference protocol, wrapped on this instance: encode(mel) once per window,
+    # decoder(features) -> a session whose prefill gives the first token and each step one more
+    orig_encode, orig_decoder = model.encode, model.decoder
+
+    def encode(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = orig_encode(*args, **kwargs)
+        rec.encoder(time.perf_counter() - t0)
+        return out
+
+    def counted(fn):
+        def wrapper(tokens, *args, **kwargs):
+            out = fn(tokens, *args, **kwargs)
+            rec.token(batch_rows(tokens))
+            return out
+        return wrapper
+
+    def decoder(*args, **kwargs):
+        session = orig_decoder(*args, **kwargs)
+        session.prefill = counted(session.prefill)
+        session.step = counted(session.step)
+        return session
+
+    model.encode = encode
+    model.decoder = decoder
+    orig_decode = decoding.decode
+
+    def decode(*args, **kwargs):
+        t0 = rec.open_window()
+        try:
+            return orig_decode(*args, **kwargs)
+        finally:
+            rec.close_window(t0)
+
+    for name, module in list(sys.modules.items()):
+        if (name == "runtime" or name.startswith("runtime.")) and getattr(module, "decode", None) is orig_decode:
+            module.decode = decode
+
+    opts = dict(spec["options"])
+    eot = _max_eot(model)
+    if spec["impl"] == "max-batched":
+        paths = [spec["audio"]] * spec.get("batch_size", 1)
+        t0 = time.perf_counter()
+        results = runtime.transcribe_batch(model, paths, **opts)
+        wall = time.perf_counter() - t0
+        results = list(results)
+        tokens = [w for r in results for w in tokens_by_window(r["segments"], eot)]
+        text = results[0]["text"] if results else ""
+        n_audio = len(paths)
+    else:
+        t0 = time.perf_counter()
+        result = transcribe_fn(model, spec["audio"], **opts)
+        wall = time.perf_counter() - t0
+        tokens = tokens_by_window(result["segments"], eot)
+        text = result["text"]
+        n_audio = 1
+    return dict(wall_s=wall, load_s=load_s, tokens_by_window=tokens, text_head=text[:120],
+                eot=eot, n_audio=n_audio, versions=versions)
+
+
+def _max_eot(model):
+    from runtime.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(str(model.tokenizer_path), model.is_multilingual, num_languages=model.num_languages,
+                        language="en", task="transcribe")
+    return int(tok.eot)
+
+
+def run_openai(spec, rec):
+    import torch
+    import whisper
+    from whisper.tokenizer import get_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    versions = {"torch": torch.__version__, "openai-whisper": _version("openai-whisper")}
+    t = time.perf_counter()
+    model = whisper.load_model(spec["model"], device="cpu")
+    load_s = time.perf_counter() - t
+
+    orig_decode = model.decode
+    orig_encoder = model.encoder.forward
+    orig_decoder = model.decoder.forward
+
+    def decode(mel, options):
+        t0 = rec.open_window()
+        try:
+            return orig_decode(mel, options)
+        finally:
+            rec.close_window(t0)
+
+    def encoder(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = orig_encoder(*args, **kwargs)
+        rec.encoder(time.perf_counter() - t0)
+        return out
+
+    def decoder(x, *args, **kwargs):
+        out = orig_decoder(x, *args, **kwargs)
+        rec.token(batch_rows(x))
+        return out
+
+    model.decode = decode
+    model.encoder.forward = encoder
+    model.decoder.forward = decoder
+
+    opts = dict(spec["options"])
+    opts.setdefault("fp16", False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        result = model.transcribe(spec["audio"], **opts)
+    wall = time.perf_counter() - t0
+    eot = get_tokenizer(model.is_multilingual, num_languages=model.num_languages).eot
+    return dict(wall_s=wall, load_s=load_s, tokens_by_window=tokens_by_window(result["segments"], eot),
+                text_head=result["text"][:120], eot=int(eot), n_audio=1, versions=versions)
+
+
+def run_faster_whisper(spec, rec):
+    import ctranslate2
+    import faster_whisper
+    from faster_whisper import WhisperModel
+
+    versions = {"ctranslate2": ctranslate2.__version__, "faster-whisper": faster_whisper.__version__}
+    t = time.perf_counter()
+    model = WhisperModel(spec["model"], device="cpu", compute_type=spec.get("compute_type", "float32"),
+                         cpu_threads=spec["threads"], num_workers=1)
+    load_s = time.perf_counter() - t
+
+    orig_encode = WhisperModel.encode
+    orig_generate = WhisperModel.generate_with_fallback
+
+    def encode(self, features):
+        t0 = time.perf_counter()
+        out = orig_encode(self, features)
+        rec.encoder(time.perf_counter() - t0)
+        return out
+
+    def generate(self, encoder_output, prompt, tokenizer, options):
+        # the encoder ran just before, outside this call: this window's record is the last one
+        w = rec.windows[-1] if rec.windows and rec.windows[-1].get("outside_decode") else None
+        start = time.time()
+        t0 = time.perf_counter()
+        out = orig_generate(self, encoder_output, prompt, tokenizer, options)
+        dt = time.perf_counter() - t0
+        result = out[0]
+        n = len(result.sequences_ids[0])
+        if w is None:
+            w = {"encode_s": 0.0, "n_encode": 0}
+            rec.windows.append(w)
+        w.pop("outside_decode", None)
+        w.update(tokens=n, decode_s=dt, wall_s=dt + w["encode_s"])
+        if rec.first_token_time is None and n:
+            rec.first_token_time = start + dt / n
+            rec.first_token_estimated = True
+        rec.total_tokens += n
+        return out
+
+    WhisperModel.encode = encode
+    WhisperModel.generate_with_fallback = generate
+
+    opts = dict(spec["options"])
+    opts.setdefault("beam_size", 1)
+    t0 = time.perf_counter()
+    segments, info = model.transcribe(spec["audio"], **opts)
+    segments = list(segments)  # a generator: the decoding happens here
+    wall = time.perf_counter() - t0
+    eot = model.hf_tokenizer.token_to_id("<|endoftext|>")
+    segs = [{"seek": s.seek, "tokens": s.tokens} for s in segments]
+    return dict(wall_s=wall, load_s=load_s, tokens_by_window=tokens_by_window(segs, eot),
+                text_head="".join(s.text for s in segments)[:120], eot=int(eot), n_audio=1, versions=versions)
+
+
+IMPLS = {"max": run_max, "max-batched": run_max, "openai": run_openai, "faster-whisper": run_faster_whisper}
+
+
+def _version(dist):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def pin_threads(threads):
+    """Restrict this process to `threads` of the CPUs it may use (every implementation alike), so that
+    a runtime that sizes its pool by the CPU count gets the same budget as the others."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    if 0 < threads < len(allowed):
+        os.sched_setaffinity(0, allowed[:threads])
+    return sorted(os.sched_getaffinity(0))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    if len(argv) > 1:
+        spec["launch_time"] = float(argv[1])  # time.time() in the parent just before it launched this process
+    rec = Recorder()
+    out = {"impl": spec["impl"], "ok": False, "cpus": pin_threads(spec["threads"])}
+    try:
+        out.update(IMPLS[spec["impl"]](spec, rec))
+        out.update(rec.summary())
+        if not any(not w.get("outside_decode") for w in rec.windows):  # no per-window hook took
+            out["decode_s"] = out["wall_s"] - sum(out["encode_s_per_window"])
+            out["decode_s_approx"] = True
+        out["ok"] = True
+    except BaseException as exc:  # report every failure to the parent, then exit non-zero
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc()
+    out["launch_time"] = spec.get("launch_time")
+    if out.get("first_token_time") and spec.get("launch_time"):
+        out["cold_start_s"] = out["first_token_time"] - spec["launch_time"]
+    out["self_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["python"] = sys.executable
+    with open(spec["result_path"], "w") as f:
+        json.dump(out, f)
+    if not out["ok"]:
+        print(out["traceback"], file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,642 @@
+"""Decoding of 30 s windows, reproducing `whisper.decoding` in numpy.
+
+The network runs behind the protocols of runtime/inference.py: `model.encode(mel)` gives the audio
+features, `model.decoder(features, repeats=n_group)` opens a pass whose `prefill` takes the initial
+tokens (returning the logits at the start-of-transcript index, for the no-speech probability, and
+at the last index) and whose `step` appends one token per row. Everything else is here: the
+initial tokens (prompt, sot sequence, prefix), the logit filters (SuppressBlank, SuppressTokens,
+ApplyTimestampRules), greedy, sampling and beam search decoders, ranking, and the result fields.
+
+Numerics follow openai-whisper: the cumulative log-probabilities accumulate in float32 as its
+torch tensor does, and avg_logprob = sum / (len(tokens) + 1) in float64. Log-softmax and the
+timestamp-rule comparison are computed in float64 (torch: float32), so a decision can only differ
+from openai-whisper's when two values tie to within float32 rounding.
+
+Sampling (temperature > 0) draws from softmax(logits / T) with a numpy Generator (Gumbel-max);
+it is the same distribution as torch's `Categorical(logits=logits / T).sample()`, but not the same
+random stream, so sampled outputs are not expected to equal openai-whisper's.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from runtime.inference import AudioFeatures, DecoderSession, Inference
+from runtime.tokenizer import Tokenizer, TokenizerError, get_tokenizer
+
+CHUNK_LENGTH = 30  # seconds of audio per window (= runtime.audio.CHUNK_LENGTH)
+NEG_INF = -np.inf
+TASKS = ("transcribe", "translate", "lang_id")
+
+
+class DecodingError(ValueError):
+    """Invalid decoding options, or a decoding request the model cannot serve. One-line message."""
+
+
+class UnsupportedOptionError(DecodingError, NotImplementedError):
+    """An openai-whisper option this runtime does not implement (yet)."""
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Same fields and defaults as `whisper.DecodingOptions`."""
+
+    # "transcribe" (X -> X), "translate" (X -> English) or "lang_id" (detect the language only)
+    task: str = "transcribe"
+    # language of the audio; detected when None
+    language: Optional[str] = None
+
+    # sampling
+    temperature: float = 0.0
+    sample_len: Optional[int] = None  # most tokens to sample; n_text_ctx // 2 when None
+    best_of: Optional[int] = None  # independent samples when temperature > 0
+    beam_size: Optional[int] = None  # beams when temperature == 0
+    patience: Optional[float] = None  # beam search patience (arxiv:2204.05424)
+
+    # "alpha" of Google NMT's length penalty for ranking; None: divide by the length
+    length_penalty: Optional[float] = None
+
+    # previous-context text or tokens (after <|startofprev|>), and a prefix of the current text
+    prompt: Optional[Union[str, List[int]]] = None
+    prefix: Optional[Union[str, List[int]]] = None
+
+    # token ids (or comma-separated ids) to suppress; "-1" means tokenizer.non_speech_tokens
+    suppress_tokens: Optional[Union[str, Iterable[int]]] = "-1"
+    suppress_blank: bool = True  # suppress a blank (" " or EOT) first token
+
+    # timestamps
+    without_timestamps: bool = False  # use <|notimestamps|> and sample text tokens only
+    max_initial_timestamp: Optional[float] = 1.0
+
+    # openai-whisper's precision switch; accepted for compatibility, the engine decides precision
+    fp16: bool = True
+
+
+@dataclass(frozen=True)
+class DecodingResult:
+    """Like `whisper.DecodingResult` (without the per-window audio features), plus sum_logprob."""
+
+    language: str
+    language_probs: Optional[Dict[str, float]] = None
+    tokens: List[int] = field(default_factory=list)
+    text: str = ""
+    avg_logprob: float = np.nan
+    no_speech_prob: float = np.nan
+    temperature: float = np.nan
+    compression_ratio: float = np.nan
+    sum_logprob: float = np.nan
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 length over zlib-compressed length (high for repetitive text)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+# ---------------------------------------------------------------------------- numerics
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-softmax over the last axis; rows that are all -inf give nan (as torch)."""
+    x = np.asarray(logits, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = np.max(x, axis=-1, keepdims=True)
+        shifted = x - m
+        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def logsumexp(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return NEG_INF
+    m = np.max(x)
+    if not np.isfinite(m):
+        return float(m)
+    return float(m + np.log(np.sum(np.exp(x - m))))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.exp(log_softmax(logits))
+
+
+# ---------------------------------------------------------------------------- language detection
+
+
+def _as_features(model: Inference, audio) -> Tuple[AudioFeatures, bool]:
+    """Encode a mel [n_mels, n_frames] or [batch, n_mels, n_frames]; pass audio features through."""
+    if isinstance(audio, np.ndarray):
+        mel = np.asarray(audio, dtype=np.float32)
+        single = mel.ndim == 2
+        if single:
+            mel = mel[None]
+        if mel.ndim != 3 or mel.shape[1] != model.dims.n_mels or mel.shape[2] != 2 * model.dims.n_audio_ctx:
+            raise DecodingError(
+                f"mel must have shape [batch,] {model.dims.n_mels} x {2 * model.dims.n_audio_ctx}, got {audio.shape}"
+            )
+        return model.encode(np.ascontiguousarray(mel)), single
+    return audio, False
+
+
+def _default_tokenizer_path(model: Inference, tokenizer_path):
+    if tokenizer_path is not None:
+        return tokenizer_path
+    path = getattr(model, "tokenizer_path", None)
+    if path is None:
+        raise DecodingError("no tokenizer: pass tokenizer_path (the model's .tiktoken vocabulary)")
+    return path
+
+
+def _detect_language_features(model: Inference, features: AudioFeatures, tokenizer: Tokenizer
+                              ) -> Tuple[np.ndarray, List[Dict[str, float]]]:
+    if tokenizer.language is None or tokenizer.language_token not in tokenizer.sot_sequence:
+        raise DecodingError("This model doesn't have language tokens so it can't perform lang id")
+    n_audio = features.batch_size
+    session = model.decoder(features, repeats=1)
+    sot = np.full((n_audio, 1), tokenizer.sot, dtype=np.int64)
+    logits = np.array(session.prefill(sot, positions=[0])[:, 0], dtype=np.float32)  # [n_audio, n_vocab]
+    language_ids = np.asarray(tokenizer.all_language_tokens, dtype=np.int64)
+    masked = np.full_like(logits, NEG_INF)
+    masked[:, language_ids] = logits[:, language_ids]
+    tokens = masked.argmax(axis=-1)
+    probs = softmax(masked)[:, language_ids].astype(np.float32)
+    codes = tokenizer.all_language_codes
+    language_probs = [{code: float(p) for code, p in zip(codes, row)} for row in probs]
+    return tokens, language_probs
+
+
+def detect_language(model: Inference, mel, tokenizer: Optional[Tokenizer] = None, *,
+                    tokenizer_path=None):
+    """Most probable language token and the probabilities of all languages, per window.
+
+    mel: float32 [n_mels, n_frames] (returns a token id and one dict) or [batch, n_mels, n_frames]
+    (returns an array of ids and a list of dicts), or AudioFeatures from `model.encode`. The decoder
+    runs on <|startoftranscript|> alone and all non-language tokens are masked, as
+    `whisper.decoding.detect_language` does.
+    """
+    if tokenizer is None:
+        tokenizer = get_tokenizer(_default_tokenizer_path(model, tokenizer_path), model.is_multilingual,
+                                  num_languages=model.num_languages)
+    if tokenizer.language is None or tokenizer.language_token not in tokenizer.sot_sequence:
+        raise DecodingError("This model doesn't have language tokens so it can't perform lang id")
+    features, single = _as_features(model, mel)
+    tokens, probs = _detect_language_features(model, features, tokenizer)
+    if single:
+        return int(tokens[0]), probs[0]
+    return tokens, probs
+
+
+# ---------------------------------------------------------------------------- logit filters
+
+
+class LogitFilter:
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        """Mask `logits` [batch, n_vocab] in place given the `tokens` [batch, length] so far."""
+        raise NotImplementedError
+
+
+class SuppressBlank(LogitFilter):
+    """At the first sampled position, forbid a blank (" ") and EOT."""
+
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int):
+        self.sample_begin = sample_begin
+        self.blank = list(tokenizer.encode(" ")) + [tokenizer.eot]
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, self.blank] = NEG_INF
+
+
+class SuppressTokens(LogitFilter):
+    def __init__(self, suppress_tokens: Sequence[int]):
+        self.suppress_tokens = np.asarray(list(suppress_tokens), dtype=np.int64)
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        if self.suppress_tokens.size:
+            logits[:, self.suppress_tokens] = NEG_INF
+
+
+class ApplyTimestampRules(LogitFilter):
+    """Whisper's timestamp grammar.
+
+    - <|notimestamps|> is never sampled.
+    - Timestamps come in pairs (end, start), except a single one right before EOT: after a pair (or
+      at the start) the next token is text; after a lone timestamp it is a timestamp or EOT.
+    - Timestamps never decrease, and a segment has a nonzero length.
+    - The first sampled token is a timestamp no later than `max_initial_timestamp_index`.
+    - When the timestamps together are more probable than any single text token, sample a timestamp.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int, max_initial_timestamp_index: Optional[int]):
+        self.tokenizer = tokenizer
+        self.sample_begin = sample_begin
+        self.max_initial_timestamp_index = max_initial_timestamp_index
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        begin = self.tokenizer.timestamp_begin
+        eot = self.tokenizer.eot
+        logits[:, self.tokenizer.no_timestamps] = NEG_INF
+
+        for k in range(tokens.shape[0]):
+            sampled = tokens[k, self.sample_begin:]
+            last_was_timestamp = len(sampled) >= 1 and sampled[-1] >= begin
+            penultimate_was_timestamp = len(sampled) < 2 or sampled[-2] >= begin
+            if last_was_timestamp:
+                if penultimate_was_timestamp:  # a pair just closed (or it opened the text): text next
+                    logits[k, begin:] = NEG_INF
+                else:  # a lone timestamp: another timestamp or EOT next
+                    logits[k, :eot] = NEG_INF
+
+            timestamps = sampled[sampled >= begin]
+            if timestamps.size > 0:
+                # no going back in time; a new segment must start after the last one ended
+                if last_was_timestamp and not penultimate_was_timestamp:
+                    first_allowed = int(timestamps[-1])
+                else:
+                    first_allowed = int(timestamps[-1]) + 1
+                logits[k, begin:first_allowed] = NEG_INF
+
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, :begin] = NEG_INF  # start with a timestamp
+            if self.max_initial_timestamp_index is not None:
+                logits[:, begin + self.max_initial_timestamp_index + 1:] = NEG_INF
+
+        logprobs = log_softmax(logits)
+        for k in range(tokens.shape[0]):
+            timestamp_logprob = logsumexp(logprobs[k, begin:])
+            max_text_logprob = np.max(logprobs[k, :begin])
+            if timestamp_logprob > max_text_logprob:
+                logits[k, :begin] = NEG_INF
+
+
+# ---------------------------------------------------------------------------- token decoders
+
+
+class TokenDecoder:
+    def reset(self) -> None:
+        """Forget the state of a previous decoding."""
+
+    def update(self, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray
+               ) -> Tuple[np.ndarray, bool]:
+        """Append the next token of each row; sum_logprobs (float32 [batch]) is updated in place.
+
+        Returns the new tokens [batch, length + 1] and whether every sequence has finished.
+        """
+        raise NotImplementedError
+
+    def finalize(self, tokens: np.ndarray, sum_logprobs: np.ndarray
+                 ) -> Tuple[List[List[np.ndarray]], List[List[float]]]:
+        """Candidates per audio (tokens [n_audio, n_group, length], sum_logprobs [n_audio, n_group])."""
+        raise NotImplementedError
+
+
+class GreedyDecoder(TokenDecoder):
+    """Argmax at temperature 0, otherwise a sample from softmax(logits / temperature)."""
+
+    def __init__(self, temperature: float, eot: int, rng: Optional[np.random.Generator] = None):
+        self.temperature = float(temperature)
+        self.eot = eot
+        self.rng = rng
+
+    def _sample(self, logits: np.ndarray) -> np.ndarray:
+        if self.temperature == 0:
+            return logits.argmax(axis=-1)
+        if self.rng is None:
+            self.rng = np.random.default_rng()
+        # Gumbel-max: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T)
+        scaled = logits.astype(np.float64) / self.temperature
+        return (scaled + self.rng.gumbel(size=scaled.shape)).argmax(axis=-1)
+
+    def update(self, tokens, logits, sum_logprobs):
+        next_tokens = self._sample(logits).astype(np.int64)
+        logprobs = log_softmax(logits)
+        current = logprobs[np.arange(logprobs.shape[0]), next_tokens].astype(np.float32)
+        running = tokens[:, -1] != self.eot
+        sum_logprobs[running] += current[running]
+
+        next_tokens[~running] = self.eot
+        tokens = np.concatenate([tokens, next_tokens[:, None]], axis=-1)
+        completed = bool((tokens[:, -1] == self.eot).all())
+        return tokens, completed
+
+    def finalize(self, tokens, sum_logprobs):
+        # every sequence ends with at least one EOT
+        eot = np.full(tokens.shape[:-1] + (1,), self.eot, dtype=tokens.dtype)
+        tokens = np.concatenate([tokens, eot], axis=-1)
+        return [list(group) for group in tokens], [[float(x) for x in row] for row in sum_logprobs]
+
+
+class BeamSearchDecoder(TokenDecoder):
+    """Beam search as openai-whisper's: beam_size live beams per audio, each extended by its
+    beam_size + 1 best tokens; finished sequences are collected until round(beam_size * patience)."""
+
+    def __init__(self, beam_size: int, eot: int, session_reorder, patience: Optional[float] = None):
+        self.beam_size = beam_size
+        self.eot = eot
+        self.reorder = session_reorder
+        self.patience = patience or 1.0
+        self.max_candidates = round(beam_size * self.patience)
+        self.finished_sequences: Optional[List[Dict[tuple, float]]] = None
+        if self.max_candidates <= 0:
+            raise DecodingError(f"Invalid beam size ({beam_size}) or patience ({patience})")
+
+    def reset(self):
+        self.finished_sequences = None
+
+    def update(self, tokens, logits, sum_logprobs):
+        if tokens.shape[0] % self.beam_size != 0:
+            raise DecodingError(f"batch {tokens.shape[0]} is not a multiple of beam_size {self.beam_size}")
+        n_audio = tokens.shape[0] // self.beam_size
+        if self.finished_sequences is None:
+            self.finished_sequences = [{} for _ in range(n_audio)]
+
+        logprobs = log_softmax(logits).astype(np.float32)
+        next_tokens, source_indices, finished_sequences = [], [], []
+        new_sum = sum_logprobs.copy()
+        for i in range(n_audio):
+            scores, sources, finished = {}, {}, {}
+            for j in range(self.beam_size):
+                idx = i * self.beam_size + j
+                prefix = [int(t) for t in tokens[idx]]
+                row = logprobs[idx]
+                top = np.argsort(-row, kind="stable")[: self.beam_size + 1]
+                for token in top:
+                    sequence = tuple(prefix + [int(token)])
+                    scores[sequence] = float(np.float32(sum_logprobs[idx]) + row[token])
+                    sources[sequence] = idx
+
+            saved = 0
+            for sequence in sorted(scores, key=scores.get, reverse=True):
+                if sequence[-1] == self.eot:
+                    finished[sequence] = scores[sequence]
+                else:
+                    new_sum[len(next_tokens)] = scores[sequence]
+                    next_tokens.append(sequence)
+                    source_indices.append(sources[sequence])
+                    saved += 1
+                    if saved == self.beam_size:
+                        break
+            finished_sequences.append(finished)
+
+        sum_logprobs[:] = new_sum
+        tokens = np.asarray(next_tokens, dtype=np.int64)
+        if source_indices != list(range(len(source_indices))):
+            self.reorder(source_indices)
+
+        for previously, newly in zip(self.finished_sequences, finished_sequences):
+            for sequence in sorted(newly, key=newly.get, reverse=True):
+                if len(previously) >= self.max_candidates:
+                    break
+                previously[sequence] = newly[sequence]
+
+        completed = all(len(s) >= self.max_candidates for s in self.finished_sequences)
+        return tokens, completed
+
+    def finalize(self, preceding_tokens, sum_logprobs):
+        for i, sequences in enumerate(self.finished_sequences):
+            if len(sequences) < self.beam_size:  # not enough finished: add the best unfinished
+                for j in list(np.argsort(sum_logprobs[i], kind="stable"))[::-1]:
+                    sequence = tuple(int(t) for t in preceding_tokens[i, j]) + (self.eot,)
+                    sequences[sequence] = float(sum_logprobs[i][j])
+                    if len(sequences) >= self.beam_size:
+                        break
+        tokens = [[np.asarray(s, dtype=np.int64) for s in sequences] for sequences in self.finished_sequences]
+        sum_lp = [list(sequences.values()) for sequences in self.finished_sequences]
+        return tokens, sum_lp
+
+
+class MaximumLikelihoodRanker:
+    """Pick the candidate with the best sum_logprob / penalty, where penalty is the length, or
+    ((5 + length) / 6) ** length_penalty (Google NMT) when length_penalty is given."""
+
+    def __init__(self, length_penalty: Optional[float]):
+        self.length_penalty = length_penalty
+
+    def rank(self, tokens: List[List[np.ndarray]], sum_logprobs: List[List[float]]) -> List[int]:
+        def scores(logprobs, lengths):
+            out = []
+            for logprob, length in zip(logprobs, lengths):
+                penalty = length if self.length_penalty is None else ((5 + length) / 6) ** self.length_penalty
+                out.append(logprob / penalty)
+            return out
+
+        lengths = [[len(t) for t in group] for group in tokens]
+        return [int(np.argmax(scores(p, l))) for p, l in zip(sum_logprobs, lengths)]
+
+
+# ---------------------------------------------------------------------------- the task
+
+
+def verify_options(options: DecodingOptions) -> DecodingOptions:
+    """DecodingError (one line) for option combinations openai-whisper rejects, or that are malformed."""
+    if options.task not in TASKS:
+        raise DecodingError(f"task must be one of {', '.join(TASKS)}, got {options.task!r}")
+    if options.beam_size is not None and options.best_of is not None:
+        raise DecodingError("beam_size and best_of can't be given together")
+    if options.temperature == 0 and options.best_of is not None:
+        raise DecodingError("best_of with greedy sampling (T=0) is not compatible")
+    if options.patience is not None and options.beam_size is None:
+        raise DecodingError("patience requires beam_size to be given")
+    if options.length_penalty is not None and not (0 <= options.length_penalty <= 1):
+        raise DecodingError("length_penalty (alpha) should be a value between 0 and 1")
+    if not np.isfinite(options.temperature) or options.temperature < 0:
+        raise DecodingError(f"temperature must be a finite number >= 0, got {options.temperature!r}")
+    for name in ("sample_len", "best_of", "beam_size"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise DecodingError(f"{name} must be a positive integer or None, got {value!r}")
+    return options
+
+
+class DecodingTask:
+    """Decoding of a batch of windows with one set of options (openai-whisper's DecodingTask)."""
+
+    def __init__(self, model: Inference, options: DecodingOptions, *, tokenizer_path=None,
+                 rng: Optional[np.random.Generator] = None):
+        self.model = model
+        self.options = verify_options(options)
+        path = _default_tokenizer_path(model, tokenizer_path)
+        try:
+            self.tokenizer: Tokenizer = get_tokenizer(
+                path, model.is_multilingual, num_languages=model.num_languages,
+                language=options.language or "en", task=options.task)
+        except TokenizerError as e:
+            raise DecodingError(str(e)) from e
+
+        self.n_group: int = options.beam_size or options.best_of or 1
+        self.n_ctx: int = model.dims.n_text_ctx
+        self.sample_len: int = options.sample_len or model.dims.n_text_ctx // 2
+
+        self.sot_sequence: Tuple[int, ...] = self.tokenizer.sot_sequence
+        if options.without_timestamps:
+            self.sot_sequence = self.tokenizer.sot_sequence_including_notimestamps
+
+        self.initial_tokens: Tuple[int, ...] = self._initial_tokens()
+        self.sample_begin: int = len(self.initial_tokens)
+        self.sot_index: int = self.initial_tokens.index(self.tokenizer.sot)
+        if self.sample_begin >= self.n_ctx:
+            raise DecodingError(f"{self.sample_begin} initial tokens leave no room in the {self.n_ctx}-token context")
+
+        self.ranker = MaximumLikelihoodRanker(options.length_penalty)
+        self.rng = rng
+
+        self.logit_filters: List[LogitFilter] = []
+        if options.suppress_blank:
+            self.logit_filters.append(SuppressBlank(self.tokenizer, self.sample_begin))
+        if options.suppress_tokens:
+            self.logit_filters.append(SuppressTokens(self._suppress_tokens()))
+        if not options.without_timestamps:
+            precision = CHUNK_LENGTH / model.dims.n_audio_ctx  # 0.02 s per timestamp step
+            max_initial_timestamp_index = None
+            if options.max_initial_timestamp:
+                max_initial_timestamp_index = round(options.max_initial_timestamp / precision)
+            self.logit_filters.append(
+                ApplyTimestampRules(self.tokenizer, self.sample_begin, max_initial_timestamp_index))
+
+    def _encode_text(self, text: Union[str, Sequence[int]]) -> List[int]:
+        if isinstance(text, str):
+            return self.tokenizer.encode(" " + text.strip())
+        return [int(t) for t in text]
+
+    def _initial_tokens(self) -> Tuple[int, ...]:
+        tokens = list(self.sot_sequence)
+        if self.options.prefix:
+            prefix_tokens = self._encode_text(self.options.prefix)
+            if self.sample_len is not None:
+                max_prefix_len = self.n_ctx // 2 - self.sample_len
+                prefix_tokens = prefix_tokens[-max_prefix_len:]
+            tokens = tokens + prefix_tokens
+        if self.options.prompt:
+            prompt_tokens = self._encode_text(self.options.prompt)
+            tokens = [self.tokenizer.sot_prev] + prompt_tokens[-(self.n_ctx // 2 - 1):] + tokens
+        return tuple(tokens)
+
+    def _suppress_tokens(self) -> Tuple[int, ...]:
+        suppress = self.options.suppress_tokens
+        if isinstance(suppress, str):
+            try:
+                suppress = [int(t) for t in suppress.split(",")]
+            except ValueError:
+                raise DecodingError(f"suppress_tokens must be comma-separated integers, got {suppress!r}") from None
+        suppress = [int(t) for t in suppress]
+        if -1 in suppress:
+            suppress = [t for t in suppress if t >= 0]
+            suppress.extend(self.tokenizer.non_speech_tokens)
+        tk = self.tokenizer
+        suppress.extend([tk.transcribe, tk.translate, tk.sot, tk.sot_prev, tk.sot_lm, tk.no_speech])
+        return tuple(sorted(set(suppress)))
+
+    def _detect_language(self, features: AudioFeatures, tokens: np.ndarray):
+        n_audio = features.batch_size
+        languages = [self.options.language] * n_audio
+        language_probs = None
+        if self.options.language is None or self.options.task == "lang_id":
+            language_tokens, language_probs = _detect_language_features(self.model, features, self.tokenizer)
+            languages = [max(probs, key=probs.get) for probs in language_probs]
+            if self.options.language is None:
+                tokens[:, self.sot_index + 1] = language_tokens
+        return languages, language_probs
+
+    def _token_decoder(self, session: DecoderSession) -> TokenDecoder:
+        if self.options.beam_size is not None:
+            return BeamSearchDecoder(self.options.beam_size, self.tokenizer.eot, session.reorder,
+                                     self.options.patience)
+        return GreedyDecoder(self.options.temperature, self.tokenizer.eot, self.rng)
+
+    def _main_loop(self, session: DecoderSession, decoder: TokenDecoder, tokens: np.ndarray):
+        n_batch = tokens.shape[0]
+        sum_logprobs = np.zeros(n_batch, dtype=np.float32)
+        no_speech_probs = [np.nan] * n_batch
+
+        for i in range(self.sample_len):
+            if i == 0:
+                out = session.prefill(tokens, positions=[self.sot_index, tokens.shape[1] - 1])
+                out = np.asarray(out, dtype=np.float32)
+                probs_at_sot = softmax(out[:, 0])
+                no_speech_probs = [float(p) for p in probs_at_sot[:, self.tokenizer.no_speech].astype(np.float32)]
+                logits = np.array(out[:, 1], dtype=np.float32)
+            else:
+                logits = np.array(session.step(tokens[:, -1]), dtype=np.float32)
+
+            for logit_filter in self.logit_filters:
+                logit_filter.apply(logits, tokens)
+
+            tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+            if completed or tokens.shape[-1] > self.n_ctx:
+                break
+        return tokens, sum_logprobs, no_speech_probs
+
+    def run(self, mel) -> List[DecodingResult]:
+        features, _ = _as_features(self.model, mel)
+        n_audio = features.batch_size
+        tokens = np.tile(np.asarray(self.initial_tokens, dtype=np.int64), (n_audio, 1))
+
+        languages, language_probs = self._detect_language(features, tokens)
+        if self.options.task == "lang_id":
+            return [DecodingResult(language=language, language_probs=probs)
+                    for language, probs in zip(languages, language_probs)]
+
+        tokens = np.repeat(tokens, self.n_group, axis=0)
+        session = self.model.decoder(features, repeats=self.n_group)
+        decoder = self._token_decoder(session)
+        decoder.reset()
+        tokens, sum_logprobs, no_speech_probs = self._main_loop(session, decoder, tokens)
+
+        no_speech_probs = no_speech_probs[:: self.n_group]
+        tokens = tokens.reshape(n_audio, self.n_group, -1)
+        sum_logprobs = sum_logprobs.reshape(n_audio, self.n_group)
+
+        # candidates per audio, cut between the first sampled token and the first EOT
+        candidates, candidate_logprobs = decoder.finalize(tokens, sum_logprobs)
+        eot = self.tokenizer.eot
+        candidates = [[t[self.sample_begin: int(np.flatnonzero(t == eot)[0])] for t in group]
+                      for group in candidates]
+
+        selected = self.ranker.rank(candidates, candidate_logprobs)
+        best_tokens = [[int(x) for x in group[i]] for i, group in zip(selected, candidates)]
+        texts = [self.tokenizer.decode(t).strip() for t in best_tokens]
+        best_logprobs = [lp[i] for i, lp in zip(selected, candidate_logprobs)]
+        avg_logprobs = [lp / (len(t) + 1) for t, lp in zip(best_tokens, best_logprobs)]
+
+        fields = (texts, languages, best_tokens, avg_logprobs, no_speech_probs)
+        if len(set(map(len, fields))) != 1:
+            raise RuntimeError(f"inconsistent result lengths: {list(map(len, fields))}")
+        return [
+            DecodingResult(
+                language=language,
+                language_probs=probs,
+                tokens=toks,
+                text=text,
+                avg_logprob=avg,
+                no_speech_prob=nsp,
+                temperature=self.options.temperature,
+                compression_ratio=compression_ratio(text),
+                sum_logprob=lp,
+            )
+            for text, language, toks, avg, nsp, lp, probs in zip(
+                texts, languages, best_tokens, avg_logprobs, no_speech_probs, best_logprobs,
+                language_probs or [None] * n_audio)
+        ]
+
+
+def decode(model: Inference, mel, options: DecodingOptions = DecodingOptions(), *, tokenizer_path=None,
+           rng: Optional[np.random.Generator] = None, **kwargs) -> Union[DecodingResult, List[DecodingResult]]:
+    """Decode 30 s window(s): `whisper.decode` on the runtime.inference protocols.
+
+    mel: float32 [n_mels, 3000] (returns one DecodingResult) or [batch, n_mels, 3000] (a list), or
+    AudioFeatures from model.encode (a list). tokenizer_path: the model's .tiktoken vocabulary
+    (default: `model.tokenizer_path` if the model has one). rng: the Generator for temperature > 0
+    (default: a fresh unseeded one). kwargs replace fields of `options`.
+    """
+    if kwargs:
+        unknown = sorted(set(kwargs) - set(DecodingOptions.__dataclass_fields__))
+        if unknown:
+            raise DecodingError(f"unknown decoding option(s): {', '.join(unknown)}")
+        options = replace(options, **kwargs)
+    single = isinstance(mel, np.ndarray) and mel.ndim == 2
+    results = DecodingTask(model, options, tokenizer_path=tokenizer_path, rng=rng).run(mel)
+    return results[0] if single else results

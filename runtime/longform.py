@@ -1,0 +1,337 @@
+"""Long-form transcription, reproducing `whisper.transcribe` on the runtime.inference protocols.
+
+The audio is cut into 30 s windows by a seek pointer: each window is decoded (falling back to
+higher temperatures when the output is too repetitive or improbable), split into segments at its
+timestamp tokens, and the pointer moves to the end of the last complete segment. The previous
+windows' text conditions the next one. The result dict has openai-whisper's keys and values.
+
+Not implemented yet: word_timestamps=True (with it, hallucination_silence_threshold), which need
+the cross-attention weights. They raise UnsupportedOptionError (a ValueError and a
+NotImplementedError).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import fields
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from runtime.audio import (
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    load_audio,
+    load_mel_filters,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
+from runtime.decoding import (
+    DecodingError,
+    DecodingOptions,
+    DecodingResult,
+    UnsupportedOptionError,
+    decode,
+    detect_language,
+)
+from runtime.inference import Inference
+from runtime.tokenizer import LANGUAGES, TokenizerError, get_tokenizer
+
+_OPTION_NAMES = {f.name for f in fields(DecodingOptions)} - {"temperature"}
+
+
+def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
+    """[hh:]mm:ss.mmm, as openai-whisper prints segments."""
+    if seconds < 0:
+        raise ValueError(f"non-negative timestamp expected, got {seconds}")
+    milliseconds = round(seconds * 1000.0)
+    hours, milliseconds = divmod(milliseconds, 3_600_000)
+    minutes, milliseconds = divmod(milliseconds, 60_000)
+    seconds, milliseconds = divmod(milliseconds, 1_000)
+    hours_marker = f"{hours:02d}:" if always_include_hours or hours > 0 else ""
+    return f"{hours_marker}{minutes:02d}:{seconds:02d}{decimal_marker}{milliseconds:03d}"
+
+
+def _make_safe(text: str) -> str:
+    """Replace what stdout's encoding cannot represent (openai-whisper's make_safe)."""
+    encoding = sys.getdefaultencoding()
+    if encoding == "utf-8":
+        return text
+    return text.encode(encoding, errors="replace").decode(encoding)
+
+
+def _parse_clip_timestamps(clip_timestamps: Union[str, Sequence[float]], content_frames: int
+                           ) -> List[Tuple[int, int]]:
+    if isinstance(clip_timestamps, str):
+        try:
+            clip_timestamps = [float(ts) for ts in (clip_timestamps.split(",") if clip_timestamps else [])]
+        except ValueError:
+            raise DecodingError(f"clip_timestamps must be comma-separated seconds, got {clip_timestamps!r}") from None
+    seek_points = [round(float(ts) * FRAMES_PER_SECOND) for ts in clip_timestamps]
+    if len(seek_points) == 0:
+        seek_points.append(0)
+    if len(seek_points) % 2 == 1:
+        seek_points.append(content_frames)
+    return list(zip(seek_points[::2], seek_points[1::2]))
+
+
+def _progress_bar(total: int, disable: bool):
+    try:
+        import tqdm
+    except ImportError:  # tqdm is a dependency, but the transcription does not need it
+        return _NoProgress()
+    return tqdm.tqdm(total=total, unit="frames", disable=disable)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+def transcribe(
+    model: Inference,
+    audio: Union[str, os.PathLike, np.ndarray],
+    *,
+    mel_filters,
+    tokenizer_path,
+    verbose: Optional[bool] = None,
+    temperature: Union[float, Tuple[float, ...]] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    compression_ratio_threshold: Optional[float] = 2.4,
+    logprob_threshold: Optional[float] = -1.0,
+    no_speech_threshold: Optional[float] = 0.6,
+    condition_on_previous_text: bool = True,
+    initial_prompt: Optional[str] = None,
+    carry_initial_prompt: bool = False,
+    word_timestamps: bool = False,
+    prepend_punctuations: str = "\"'“¿([{-",
+    append_punctuations: str = "\"'.。,，!！?？:：”)]}、",
+    clip_timestamps: Union[str, List[float]] = "0",
+    hallucination_silence_threshold: Optional[float] = None,
+    rng: Optional[np.random.Generator] = None,
+    **decode_options,
+) -> dict:
+    """Transcribe an audio file or float32 16 kHz mono samples, as `whisper.transcribe` does.
+
+    mel_filters: the [n_mels, 201] filterbank, or the path of an npz like whisper's
+    mel_filters.npz. tokenizer_path: the model's .tiktoken vocabulary. rng: the Generator used
+    when a window falls back to temperature > 0 (default: unseeded). decode_options: fields of
+    DecodingOptions (language, task, best_of, beam_size, prompt ..., fp16 is ignored).
+    The other arguments are openai-whisper's, with its defaults.
+
+    Returns {"text", "segments": [{"id", "seek", "start", "end", "text", "tokens", "temperature",
+    "avg_logprob", "compression_ratio", "no_speech_prob"}, ...], "language"}.
+    """
+    if word_timestamps:
+        raise UnsupportedOptionError("word_timestamps=True is not supported by this runtime yet")
+    # hallucination_silence_threshold only acts with word timestamps (as in openai-whisper)
+    unknown = sorted(set(decode_options) - _OPTION_NAMES)
+    if unknown:
+        raise DecodingError(f"unknown decoding option(s): {', '.join(unknown)}")
+    decode_options.pop("fp16", None)
+    temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    if not temperatures:
+        raise DecodingError("temperature must be a number or a non-empty sequence of numbers")
+
+    if isinstance(mel_filters, (str, os.PathLike)):
+        mel_filters = load_mel_filters(mel_filters, model.dims.n_mels)
+    if isinstance(audio, (str, os.PathLike)):
+        audio = load_audio(audio)
+
+    # 30 s of silence after the audio, so every window can be sliced whole
+    mel = log_mel_spectrogram(np.asarray(audio, dtype=np.float32), mel_filters, padding=N_SAMPLES)
+    content_frames = mel.shape[-1] - N_FRAMES
+    content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)  # noqa: F841 (used by word timestamps)
+
+    if decode_options.get("language", None) is None:
+        if not model.is_multilingual:
+            decode_options["language"] = "en"
+        else:
+            if verbose:
+                print("Detecting language using up to the first 30 seconds. Use `--language` to specify the language")
+            mel_segment = pad_or_trim(mel, N_FRAMES)
+            _, probs = detect_language(model, mel_segment, tokenizer_path=tokenizer_path)
+            decode_options["language"] = max(probs, key=probs.get)
+            if verbose is not None:
+                print(f"Detected language: {LANGUAGES[decode_options['language']].title()}")
+
+    language: str = decode_options["language"]
+    task: str = decode_options.get("task", "transcribe")
+    try:
+        tokenizer = get_tokenizer(tokenizer_path, model.is_multilingual, num_languages=model.num_languages,
+                                  language=language, task=task)
+    except TokenizerError as e:
+        raise DecodingError(str(e)) from e
+
+    seek_clips = _parse_clip_timestamps(clip_timestamps, content_frames)
+
+    def decode_with_fallback(segment: np.ndarray) -> DecodingResult:
+        result = None
+        for t in temperatures:
+            kwargs = {**decode_options}
+            if t > 0:
+                # beam search is for greedy decoding only
+                kwargs.pop("beam_size", None)
+                kwargs.pop("patience", None)
+            else:
+                kwargs.pop("best_of", None)  # best-of-n is for sampling only
+            options = DecodingOptions(**kwargs, temperature=t)
+            result = decode(model, segment, options, tokenizer_path=tokenizer_path, rng=rng)
+
+            needs_fallback = False
+            if compression_ratio_threshold is not None and result.compression_ratio > compression_ratio_threshold:
+                needs_fallback = True  # too repetitive
+            if logprob_threshold is not None and result.avg_logprob < logprob_threshold:
+                needs_fallback = True  # too improbable
+            if (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
+                    and logprob_threshold is not None and result.avg_logprob < logprob_threshold):
+                needs_fallback = False  # silence
+            if not needs_fallback:
+                break
+        return result
+
+    clip_idx = 0
+    seek = seek_clips[clip_idx][0]
+    input_stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per output token: 2
+    if input_stride * model.dims.n_audio_ctx != N_FRAMES:
+        raise DecodingError(f"n_audio_ctx {model.dims.n_audio_ctx} does not divide {N_FRAMES} frames")
+    time_precision = input_stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
+    all_tokens: List[int] = []
+    all_segments: List[dict] = []
+    prompt_reset_since = 0
+
+    remaining_prompt_length = model.dims.n_text_ctx // 2 - 1
+    if initial_prompt is not None:
+        initial_prompt_tokens = tokenizer.encode(" " + initial_prompt.strip())
+        all_tokens.extend(initial_prompt_tokens)
+        remaining_prompt_length -= len(initial_prompt_tokens)
+    else:
+        initial_prompt_tokens = []
+
+    def new_segment(*, start: float, end: float, tokens: np.ndarray, result: DecodingResult) -> dict:
+        token_list = [int(t) for t in tokens]
+        text_tokens = [t for t in token_list if t < tokenizer.eot]
+        return {
+            "seek": seek,
+            "start": start,
+            "end": end,
+            "text": tokenizer.decode(text_tokens),
+            "tokens": token_list,
+            "temperature": result.temperature,
+            "avg_logprob": result.avg_logprob,
+            "compression_ratio": result.compression_ratio,
+            "no_speech_prob": result.no_speech_prob,
+        }
+
+    # the progress bar shows when verbose is False (with True, the segments are printed)
+    with _progress_bar(content_frames, disable=verbose is not False) as pbar:
+        while clip_idx < len(seek_clips):
+            seek_clip_start, seek_clip_end = seek_clips[clip_idx]
+            if seek < seek_clip_start:
+                seek = seek_clip_start
+            if seek >= seek_clip_end:
+                clip_idx += 1
+                if clip_idx < len(seek_clips):
+                    seek = seek_clips[clip_idx][0]
+                continue
+            time_offset = float(seek * HOP_LENGTH / SAMPLE_RATE)
+            segment_size = min(N_FRAMES, content_frames - seek, seek_clip_end - seek)
+            mel_segment = pad_or_trim(mel[:, seek: seek + segment_size], N_FRAMES)
+            segment_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+
+            if carry_initial_prompt:
+                n_ignored = max(len(initial_prompt_tokens), prompt_reset_since)
+                remaining_prompt = all_tokens[n_ignored:][-remaining_prompt_length:]
+                decode_options["prompt"] = initial_prompt_tokens + remaining_prompt
+            else:
+                decode_options["prompt"] = all_tokens[prompt_reset_since:]
+
+            result = decode_with_fallback(mel_segment)
+            tokens = np.asarray(result.tokens, dtype=np.int64)
+
+            if no_speech_threshold is not None:
+                # voice activity: skip a window the model calls silent, unless its text is probable
+                should_skip = result.no_speech_prob > no_speech_threshold
+                if logprob_threshold is not None and result.avg_logprob > logprob_threshold:
+                    should_skip = False
+                if should_skip:
+                    seek += segment_size  # on to the next window
+                    continue
+
+            previous_seek = seek
+            current_segments: List[dict] = []
+
+            is_timestamp = tokens >= tokenizer.timestamp_begin
+            single_timestamp_ending = is_timestamp[-2:].tolist() == [False, True]
+            consecutive = np.flatnonzero(is_timestamp[:-1] & is_timestamp[1:]) + 1
+            if len(consecutive) > 0:
+                # segments end where two timestamps meet (end of one, start of the next)
+                slices = consecutive.tolist()
+                if single_timestamp_ending:
+                    slices.append(len(tokens))
+                last_slice = 0
+                for current_slice in slices:
+                    sliced = tokens[last_slice:current_slice]
+                    start_pos = int(sliced[0]) - tokenizer.timestamp_begin
+                    end_pos = int(sliced[-1]) - tokenizer.timestamp_begin
+                    current_segments.append(new_segment(
+                        start=time_offset + start_pos * time_precision,
+                        end=time_offset + end_pos * time_precision,
+                        tokens=sliced,
+                        result=result,
+                    ))
+                    last_slice = current_slice
+                if single_timestamp_ending:
+                    # a lone timestamp before EOT: nothing is spoken after it in this window
+                    seek += segment_size
+                else:
+                    # drop the unfinished last segment; continue from the last complete one
+                    last_timestamp_pos = int(tokens[last_slice - 1]) - tokenizer.timestamp_begin
+                    seek += last_timestamp_pos * input_stride
+            else:
+                duration = segment_duration
+                timestamps = tokens[is_timestamp]
+                if len(timestamps) > 0 and int(timestamps[-1]) != tokenizer.timestamp_begin:
+                    # no pair of timestamps, but a last one: the segment ends there
+                    last_timestamp_pos = int(timestamps[-1]) - tokenizer.timestamp_begin
+                    duration = last_timestamp_pos * time_precision
+                current_segments.append(new_segment(
+                    start=time_offset, end=time_offset + duration, tokens=tokens, result=result))
+                seek += segment_size
+
+            if verbose:
+                for segment in current_segments:
+                    start, end, text = segment["start"], segment["end"], segment["text"]
+                    print(_make_safe(f"[{format_timestamp(start)} --> {format_timestamp(end)}] {text}"))
+
+            # an instantaneous segment, or one without text, is emptied
+            for segment in current_segments:
+                if segment["start"] == segment["end"] or segment["text"].strip() == "":
+                    segment["text"] = ""
+                    segment["tokens"] = []
+                    segment["words"] = []
+
+            all_segments.extend({"id": i, **segment}
+                                for i, segment in enumerate(current_segments, start=len(all_segments)))
+            all_tokens.extend(token for segment in current_segments for token in segment["tokens"])
+
+            if not condition_on_previous_text or result.temperature > 0.5:
+                # text sampled at a high temperature does not condition the next window
+                prompt_reset_since = len(all_tokens)
+
+            pbar.update(min(content_frames, seek) - previous_seek)
+
+    return dict(
+        text=tokenizer.decode(all_tokens[len(initial_prompt_tokens):]),
+        segments=all_segments,
+        language=language,
+    )
