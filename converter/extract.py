@@ -79,7 +79,8 @@ def extract(checkpoint: Checkpoint, out_dir: Path, name: str) -> dict:
         "alignment_heads": alignment_heads(official, dims) if official else None,
         "source": {"file": checkpoint.path.name, "sha256": checkpoint.sha256, "official_name": official},
         "tensor_count": len(state),
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size,
+                    "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})},
         "tokenizer": {"file": tokenizer_name, "sha256": sha256_file(out_dir / tokenizer_name)},
         "mel_filters": {"file": MEL_FILTERS_FILE, "key": key, "sha256": sha256_file(out_dir / MEL_FILTERS_FILE)},
     }

@@ -102,24 +102,28 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     max_version = version("max")
 
     graph_device, session_devices = _graph_device(device, arch)
-    built = WhisperGraphs(model["dims"], graph_device).all()
+    # MAX 26.7 aborts when a session is created after a graph with custom ops was built.
+    session = InferenceSession(devices=session_devices)
+    # fp16 decoder weights only where they hold the checkpoint's exact values.
+    fp16_weights = model["weights"].get("dtypes") == ["float16"]
+    builder = WhisperGraphs(model["dims"], graph_device, fp16_weights=fp16_weights)
+    built = builder.all()
     previous = _read_manifest(target)
     # The weights enter at init, so their values do not change a graph: its signature is its own
-    # text, plus the MAX version and target that compiled it.
+    # text, plus the MAX version and target that compiled it and the source of the custom kernels.
     provenance = {"max_version": max_version, "device": device, "arch": arch}
+    kernels = kernels_sha256() if builder.use_kernels else None
 
-    session = None
     graphs = {}
     for item in built:
         text = str(item.graph)
-        signature = _sha256_bytes(json.dumps(provenance, sort_keys=True).encode() + text.encode())
+        signature = _sha256_bytes(json.dumps({**provenance, "kernels": kernels}, sort_keys=True).encode() + text.encode())
         mef = target / f"{item.name}.mef"
         old = (previous or {}).get("graphs", {}).get(item.name)
         if old and old["signature"] == signature and mef.is_file() and _sha256_file(mef) == old["sha256"]:
             log(f"{item.name}: up to date")
             graphs[item.name] = old
             continue
-        session = session or InferenceSession(devices=session_devices)
         started = time.perf_counter()
         compiled = session.compile(item.graph)
         seconds = time.perf_counter() - started
@@ -137,6 +141,7 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     manifest = {
         "format": MANIFEST_FORMAT,
         **provenance,
+        "kernels_sha256": kernels,
         "model": {"name": model["name"], "dims": model["dims"], "source_sha256": model["source"]["sha256"],
                   "weights_file": model["weights"]["file"], "weights_sha256": model["weights"]["sha256"]},
         "graphs": graphs,
@@ -145,6 +150,16 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
         _atomic_write_bytes(target / "manifest.json",
                             lambda p: Path(p).write_text(json.dumps(manifest, indent=2) + "\n"))
     return target
+
+
+def kernels_sha256() -> str:
+    """One hash over the custom kernels' Mojo source, which the graph text names but does not hold."""
+    from .kernels import KERNELS_PATH
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(KERNELS_PATH).rglob("*.mojo")):
+        digest.update(path.relative_to(KERNELS_PATH).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _read_manifest(target: Path) -> dict | None:

@@ -14,6 +14,12 @@ ctx]) so a step multiplies by them without a transpose.
 Weights enter as graph weights named after the checkpoint tensors, bound at init from the
 safetensors. Each records how it is derived from its tensor (see WeightSpec): linear weights are
 stored (in, out), since `x @ W` reads them faster than the transposed (out, in) layout.
+
+Decoding one token is bound by reading the decoder's weights. When every checkpoint tensor is
+fp16 (as openai publishes them), the decoder keeps its weights in fp16: on CPU the one-token
+matmuls go through a custom kernel that reads fp16 and accumulates in fp32 (kernels/), so the
+result is the fp32 product from half the bytes; elsewhere the weights are cast to fp32 in the
+graph. Both compute in fp32 on the checkpoint's exact values. The encoder keeps fp32 weights.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dataclasses import asdict, dataclass
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
+from .kernels import KERNELS_PATH, fp16_weight_matmul
+
 LAYER_NORM_EPS = 1e-5
 
 
@@ -33,7 +41,8 @@ class WeightSpec:
 
     transform: "none" (as stored), "transpose" (2-D, (out, in) -> (in, out)),
     "conv1d_rscf" ((out, in, k) -> (1, k, in, out), conv2d's filter layout).
-    The value is cast to `dtype` after the transform.
+    The value is cast to `dtype` after the transform ("float32", or "float16" only for tensors
+    stored as fp16, so that the cast is exact).
     """
 
     name: str
@@ -54,11 +63,13 @@ class WeightSet:
         self.specs: dict[str, WeightSpec] = {}
         self._weights: dict[str, Weight] = {}
 
-    def get(self, source: str, shape: tuple[int, ...], transform: str = "none") -> Weight:
+    def get(self, source: str, shape: tuple[int, ...], transform: str = "none", dtype: DType = DType.float32) -> Weight:
         name = source if transform == "none" else f"{source}:{transform}"
+        if dtype != DType.float32:
+            name = f"{name}@{dtype.name}"
         if name not in self._weights:
-            self._weights[name] = Weight(name, DType.float32, list(shape), device=self.device)
-            self.specs[name] = WeightSpec(name, source, transform, tuple(shape))
+            self._weights[name] = Weight(name, dtype, list(shape), device=self.device)
+            self.specs[name] = WeightSpec(name, source, transform, tuple(shape), dtype.name)
         return self._weights[name]
 
 
@@ -70,15 +81,42 @@ class BuiltGraph:
 
 
 class WhisperGraphs:
-    """Builds the graphs for one model's dimensions on one device."""
+    """Builds the graphs for one model's dimensions on one device.
 
-    def __init__(self, dims: dict, device: DeviceRef):
+    fp16_weights: every checkpoint tensor is fp16, so the decoder may keep exact fp16 copies.
+    """
+
+    def __init__(self, dims: dict, device: DeviceRef, fp16_weights: bool = False):
         self.dims = dims
         self.device = device
+        self.fp16_weights = fp16_weights
+        self.use_kernels = fp16_weights and device.is_cpu()
+
+    def _graph(self, name: str, input_types: list) -> Graph:
+        # A graph that calls a custom op must know its kernel library when it is built.
+        extensions = [KERNELS_PATH] if self.use_kernels and name.startswith("decoder") else []
+        return Graph(name, input_types=input_types, custom_extensions=extensions)
 
     # -- building blocks -------------------------------------------------------------------
-    def _linear(self, w: WeightSet, x: TensorValue, prefix: str, n_in: int, n_out: int, bias: bool = True) -> TensorValue:
-        y = x @ w.get(f"{prefix}.weight", (n_in, n_out), "transpose")
+    def _matmul(self, w: WeightSet, x: TensorValue, source: str, shape: tuple[int, int], decoder: bool,
+                many_rows: bool = False) -> TensorValue:
+        """x @ W, W made from `source` transposed to (in, out).
+
+        Decoder weights are fp16 when the checkpoint's are: read by the fp16 kernel for the few
+        rows of a decoding step, cast to fp32 in the graph for many rows (the audio's 1500
+        positions), where the stock matmul's blocking wins and the cast is paid once per window.
+        """
+        if not (decoder and self.fp16_weights):
+            return x @ w.get(source, shape, "transpose")
+        weight = w.get(source, shape, "transpose", DType.float16)
+        if many_rows or not self.use_kernels:
+            return x @ ops.cast(weight, DType.float32)
+        rows = ops.reshape(x, [-1, shape[0]])
+        return ops.reshape(fp16_weight_matmul(rows, weight), [*x.shape[:-1], shape[1]])
+
+    def _linear(self, w: WeightSet, x: TensorValue, prefix: str, n_in: int, n_out: int, bias: bool = True,
+                many_rows: bool = False) -> TensorValue:
+        y = self._matmul(w, x, f"{prefix}.weight", (n_in, n_out), prefix.startswith("decoder"), many_rows)
         if bias:
             y = y + w.get(f"{prefix}.bias", (n_out,))
         return y
@@ -176,11 +214,13 @@ class WhisperGraphs:
     def _logits(self, w: WeightSet, x: TensorValue) -> TensorValue:
         d = self.dims
         # The output projection shares the token embedding; stored (state, vocab) for `x @ W`.
-        return x @ w.get("decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"]), "transpose")
+        return self._matmul(w, x, "decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"]), decoder=True)
 
     def _embed(self, w: WeightSet, tokens: TensorValue, positions: TensorValue) -> TensorValue:
         d = self.dims
-        tok = ops.gather(w.get("decoder.token_embedding.weight", (d["n_vocab"], d["n_text_state"])), tokens, axis=0)
+        dtype = DType.float16 if self.fp16_weights else DType.float32
+        table = w.get("decoder.token_embedding.weight", (d["n_vocab"], d["n_text_state"]), dtype=dtype)
+        tok = ops.cast(ops.gather(table, tokens, axis=0), DType.float32)
         pos = ops.gather(w.get("decoder.positional_embedding", (d["n_text_ctx"], d["n_text_state"])), positions, axis=0)
         return tok + pos
 
@@ -195,7 +235,7 @@ class WhisperGraphs:
             TensorType(DType.int64, ["n_logits"], device=self.device),
             TensorType(DType.float32, ["batch", d["n_audio_ctx"], d["n_audio_state"]], device=self.device),
         ]
-        with Graph("decoder_prefill", input_types=input_types) as graph:
+        with self._graph("decoder_prefill", input_types) as graph:
             tokens, logit_positions, audio = (v.tensor for v in graph.inputs)
             n = tokens.shape[1]
             positions = ops.range(0, n, 1, out_dim=n, dtype=DType.int64, device=self.device)
@@ -203,8 +243,10 @@ class WhisperGraphs:
             cross = []
             for i in range(d["n_text_layer"]):
                 prefix = f"decoder.blocks.{i}.cross_attn"
-                ck_t = self._split_heads(self._linear(w, audio, f"{prefix}.key", d["n_audio_state"], n_state, bias=False), n_head, keys=True)
-                cv = self._split_heads(self._linear(w, audio, f"{prefix}.value", d["n_audio_state"], n_state), n_head)
+                ck_t = self._split_heads(self._linear(w, audio, f"{prefix}.key", d["n_audio_state"], n_state, bias=False,
+                                                      many_rows=True), n_head, keys=True)
+                cv = self._split_heads(self._linear(w, audio, f"{prefix}.value", d["n_audio_state"], n_state,
+                                                    many_rows=True), n_head)
                 cross.append((ck_t, cv))
             x, cache = self._decoder_layers(w, x, lambda i, k_t, v: (k_t, v), cross, causal=True)
             logits = self._logits(w, ops.gather(x, logit_positions, axis=1))
@@ -230,7 +272,7 @@ class WhisperGraphs:
             *([k_type, v_type] * n_layer),
             *([ck_type, cv_type] * n_layer),
         ]
-        with Graph("decoder_step", input_types=input_types) as graph:
+        with self._graph("decoder_step", input_types) as graph:
             values = [v.tensor for v in graph.inputs]
             tokens, position = values[0], values[1]
             past = values[2:2 + 2 * n_layer]

@@ -1,0 +1,72 @@
+"""Custom Mojo kernels for the Whisper MAX runtime.
+
+``fp16_weight_matmul(x, w)``: out[M, N] f32 = x[M, K] f32 @ f32(w[K, N] f16),
+fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
+
+Usage::
+
+    from graph_builders.kernels import KERNELS_PATH, fp16_weight_matmul
+    with Graph("g", input_types=[...], custom_extensions=[KERNELS_PATH]) as g:
+        y = fp16_weight_matmul(x, w)          # w: a float16 [K, N] Weight/tensor
+    compiled = InferenceSession(devices=[CPU()]).compile(g)
+
+``KERNELS_PATH`` is the Mojo source package directory (``kernels/mojo``);
+MAX runs ``mojo precompile`` on it (into /tmp/.modular_<uid>/mojo_pkg/) each
+time a Graph / session is given it.  ``build_mojoc(out)`` prebuilds a
+``.mojoc`` that can be passed instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from max.dtype import DType
+from max.graph import DeviceRef, TensorType, TensorValue, ops
+
+KERNELS_DIR = Path(__file__).resolve().parent
+KERNELS_PATH = KERNELS_DIR / "mojo"
+OP_NAME = "fp16_weight_matmul"
+
+__all__ = ["KERNELS_PATH", "OP_NAME", "build_mojoc", "fp16_weight_matmul"]
+
+
+def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
+    """x [M, K] float32 @ w [K, N] float16 -> [M, N] float32 (fp32 accumulate).
+
+    The enclosing Graph must have been created with
+    ``custom_extensions=[KERNELS_PATH]`` (or a prebuilt .mojoc).
+    ``M`` may be symbolic.  CPU only.
+    """
+    x = TensorValue(x)
+    w = TensorValue(w)
+    if x.rank != 2 or w.rank != 2:
+        raise ValueError(f"expected rank-2 x and w, got {x.shape} and {w.shape}")
+    if x.dtype != DType.float32 or w.dtype != DType.float16:
+        raise TypeError(
+            f"expected x float32 and w float16, got {x.dtype} and {w.dtype}"
+        )
+    out_type = TensorType(
+        DType.float32, [x.shape[0], w.shape[1]], device=DeviceRef.CPU()
+    )
+    return ops.custom(
+        OP_NAME, device=DeviceRef.CPU(), values=[x, w], out_types=[out_type]
+    )[0].tensor
+
+
+def build_mojoc(out: str | Path) -> Path:
+    """Precompiles KERNELS_PATH into a .mojoc file (``mojo precompile``).
+
+    The module name is baked from the output file stem, so keep the stem
+    stable (e.g. ``whisper_kernels.mojoc``).
+    """
+    from mojo.run import subprocess_run_mojo  # type: ignore[import-not-found]
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess_run_mojo(
+        ["precompile", str(KERNELS_PATH), "-o", str(out)],
+        capture_output=True,
+        check=True,
+    )
+    return out
