@@ -152,6 +152,8 @@ def run_max(spec, rec):
             module.decode = decode
 
     opts = dict(spec["options"])
+    if spec["impl"] == "max-sequential":
+        opts["batch_windows"] = 1  # one window at a time, as openai-whisper decodes
     eot = _max_eot(model)
     if spec["impl"] == "max-batched":
         paths = [spec["audio"]] * spec.get("batch_size", 1)
@@ -284,7 +286,7 @@ def run_faster_whisper(spec, rec):
                 text_head="".join(s.text for s in segments)[:120], eot=int(eot), n_audio=1, versions=versions)
 
 
-IMPLS = {"max": run_max, "max-batched": run_max, "openai": run_openai, "faster-whisper": run_faster_whisper}
+IMPLS = {"max": run_max, "max-sequential": run_max, "max-batched": run_max, "openai": run_openai, "faster-whisper": run_faster_whisper}
 
 
 def _version(dist):

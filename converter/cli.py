@@ -79,7 +79,10 @@ def _up_to_date(target: Path, checkpoint_path: Path) -> bool:
         report = json.loads((target / "validation.json").read_text())
     except (OSError, ValueError):
         return False
+    from .extract import CONVERTER_VERSION
+
     return (checkpoint_path.is_file() and report.get("passed") is True
+            and model.get("converter_version") == CONVERTER_VERSION
             and model["source"]["sha256"] == sha256_file(checkpoint_path)
             and (target / model["weights"]["file"]).is_file())
 

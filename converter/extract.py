@@ -18,6 +18,8 @@ from .checkpoint import Checkpoint, sha256_file
 from .official import alignment_heads, official_name_for
 
 MODEL_FORMAT = "whisper-max/model@1"
+# Bumped whenever the converter records something new in model.json, so older folders convert again.
+CONVERTER_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 MEL_FILTERS_FILE = "mel_filters.npz"
 
@@ -70,6 +72,7 @@ def extract(checkpoint: Checkpoint, out_dir: Path, name: str) -> dict:
     official = official_name_for(checkpoint.sha256)
     model = {
         "format": MODEL_FORMAT,
+        "converter_version": CONVERTER_VERSION,
         "name": name,
         "dims": dims,
         "is_multilingual": is_multilingual,

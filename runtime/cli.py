@@ -57,10 +57,13 @@ def main() -> None:
 @click.option("--without-timestamps", is_flag=True, help="decode text only, one segment per 30 s window")
 @click.option("--max-initial-timestamp", type=float, default=1.0, show_default=True)
 @click.option("--sample-len", type=int, default=None, help="maximum tokens sampled per window (default n_text_ctx/2)")
+@click.option("--batch-windows", type=click.IntRange(min=1), default=8, show_default=True,
+              help="windows decoded as one batch where they cannot depend on each other "
+                   "(--without-timestamps, no conditioning, no prompt); same result, 1 disables")
 def transcribe(audio, model_dir, device, threads, output_dir, output_format, verbose, task, language, temperature,
                temperature_increment_on_fallback, best_of, suppress_tokens, initial_prompt,
                condition_on_previous_text, compression_ratio_threshold, logprob_threshold,
-               no_speech_threshold, without_timestamps, max_initial_timestamp, sample_len) -> None:
+               no_speech_threshold, without_timestamps, max_initial_timestamp, sample_len, batch_windows) -> None:
     """Transcribe AUDIO files (any format ffmpeg reads) and write transcripts to --output-dir."""
     missing = [str(path) for path in audio if not path.is_file()]
     if missing:
@@ -83,7 +86,8 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
                    condition_on_previous_text=condition_on_previous_text,
                    compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
                    no_speech_threshold=no_speech_threshold, without_timestamps=without_timestamps,
-                   max_initial_timestamp=max_initial_timestamp, verbose=verbose if verbose else False)
+                   max_initial_timestamp=max_initial_timestamp, batch_windows=batch_windows,
+                   verbose=verbose if verbose else False)
     if sample_len is not None:
         options["sample_len"] = sample_len
 

@@ -118,13 +118,16 @@ def transcribe(
     clip_timestamps: Union[str, List[float]] = "0",
     hallucination_silence_threshold: Optional[float] = None,
     rng: Optional[np.random.Generator] = None,
+    batch_windows: int = 8,
     **decode_options,
 ) -> dict:
     """Transcribe an audio file or float32 16 kHz mono samples, as `whisper.transcribe` does.
 
     mel_filters: the [n_mels, 201] filterbank, or the path of an npz like whisper's
     mel_filters.npz. tokenizer_path: the model's .tiktoken vocabulary. rng: the Generator used
-    when a window falls back to temperature > 0 (default: unseeded). decode_options: fields of
+    when a window falls back to temperature > 0 (default: unseeded). batch_windows: how many
+    windows to decode as one batch where the windows cannot depend on each other (see
+    `prefetch_batch` below; 1 decodes one window at a time). decode_options: fields of
     DecodingOptions (language, task, best_of, beam_size, prompt ..., fp16 is ignored).
     The other arguments are openai-whisper's, with its defaults.
 
@@ -174,18 +177,47 @@ def transcribe(
 
     seek_clips = _parse_clip_timestamps(clip_timestamps, content_frames)
 
-    def decode_with_fallback(segment: np.ndarray) -> DecodingResult:
+    # Without timestamps, conditioning or a prompt, every window decodes from its own audio with
+    # the same options, and the loop moves on by whole windows unless the model emits two
+    # timestamp tokens in a row. So the first-temperature pass of the windows on that grid can be
+    # decoded as one batch ahead of the loop: each decoder step then reads the weights once for
+    # them all. A prefetched result is used only when the loop reaches exactly its window with an
+    # empty prompt, so the outcome is the one-window-at-a-time outcome; fallbacks still run alone.
+    batchable = (batch_windows > 1 and decode_options.get("without_timestamps", False)
+                 and not condition_on_previous_text and initial_prompt is None
+                 and decode_options.get("beam_size") is None and temperatures[0] == 0
+                 and not decode_options.get("prefix"))
+    prefetched: dict = {}
+
+    def options_at(t: float) -> DecodingOptions:
+        kwargs = {**decode_options}
+        if t > 0:
+            # beam search is for greedy decoding only
+            kwargs.pop("beam_size", None)
+            kwargs.pop("patience", None)
+        else:
+            kwargs.pop("best_of", None)  # best-of-n is for sampling only
+        return DecodingOptions(**kwargs, temperature=t)
+
+    def prefetch_batch(start: int, clip_end: int) -> None:
+        seeks = [s for s in range(start, min(content_frames, clip_end), N_FRAMES)][:batch_windows]
+        segments = np.stack([pad_or_trim(mel[:, s: s + min(N_FRAMES, content_frames - s, clip_end - s)], N_FRAMES)
+                             for s in seeks])
+        results = decode(model, segments, options_at(temperatures[0]), tokenizer_path=tokenizer_path, rng=rng)
+        prefetched.clear()
+        prefetched.update(zip(seeks, results))
+
+    def decode_with_fallback(segment: np.ndarray, window_seek: Optional[int] = None,
+                             clip_end: Optional[int] = None) -> DecodingResult:
         result = None
         for t in temperatures:
-            kwargs = {**decode_options}
-            if t > 0:
-                # beam search is for greedy decoding only
-                kwargs.pop("beam_size", None)
-                kwargs.pop("patience", None)
+            if (t == temperatures[0] and batchable and window_seek is not None
+                    and not decode_options.get("prompt")):
+                if window_seek not in prefetched:
+                    prefetch_batch(window_seek, clip_end)
+                result = prefetched.pop(window_seek)
             else:
-                kwargs.pop("best_of", None)  # best-of-n is for sampling only
-            options = DecodingOptions(**kwargs, temperature=t)
-            result = decode(model, segment, options, tokenizer_path=tokenizer_path, rng=rng)
+                result = decode(model, segment, options_at(t), tokenizer_path=tokenizer_path, rng=rng)
 
             needs_fallback = False
             if compression_ratio_threshold is not None and result.compression_ratio > compression_ratio_threshold:
@@ -255,7 +287,7 @@ def transcribe(
             else:
                 decode_options["prompt"] = all_tokens[prompt_reset_since:]
 
-            result = decode_with_fallback(mel_segment)
+            result = decode_with_fallback(mel_segment, seek, seek_clip_end)
             tokens = np.asarray(result.tokens, dtype=np.int64)
 
             if no_speech_threshold is not None:

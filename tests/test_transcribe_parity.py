@@ -61,19 +61,24 @@ def record_reference(monkeypatch) -> list[DecodeCall]:
     return calls
 
 
-def record_ours(monkeypatch) -> list[DecodeCall]:
+def record_ours(monkeypatch) -> tuple[list[DecodeCall], list[int]]:
+    """Each window's tokens, and the batch size of each decode call."""
     import runtime.longform
 
     calls: list[DecodeCall] = []
+    batch_sizes: list[int] = []
     original = runtime.longform.decode
 
     def decode(*args, **kwargs):
         result = original(*args, **kwargs)
-        calls.append(DecodeCall(tokens=list(result.tokens)))
+        batch_sizes.append(len(result) if isinstance(result, list) else 1)
+        # a batch of windows decoded ahead of the loop returns one result per window, in order
+        for window in result if isinstance(result, list) else [result]:
+            calls.append(DecodeCall(tokens=list(window.tokens)))
         return result
 
     monkeypatch.setattr(runtime.longform, "decode", decode)
-    return calls
+    return calls, batch_sizes
 
 
 def first_divergence(reference: list[DecodeCall], ours: list[DecodeCall]) -> Tie | None:
@@ -100,7 +105,10 @@ SEGMENT_CLOSE = ("avg_logprob", "compression_ratio", "no_speech_prob")
 CASES = {
     "timestamps-conditioned": dict(language="en"),
     "timestamps-unconditioned": dict(language="en", condition_on_previous_text=False),
+    # windows cannot depend on each other here, so the runtime decodes them as one batch by default
     "no-timestamps-unconditioned": dict(language="en", without_timestamps=True, condition_on_previous_text=False),
+    "no-timestamps-unconditioned-one-at-a-time": dict(language="en", without_timestamps=True,
+                                                      condition_on_previous_text=False, batch_windows=1),
     "no-timestamps-conditioned-prompt": dict(language="en", without_timestamps=True,
                                              initial_prompt="A recording about trains, bread and stars."),
     "detect-language": dict(),
@@ -114,10 +122,15 @@ def test_transcribe_matches_openai_whisper(case, monkeypatch, tiny_runtime, torc
     import runtime
 
     options = dict(CASES[case], temperature=0.0)
+    ours_only = {key: options.pop(key) for key in ("batch_windows",) if key in options}
     reference_calls = record_reference(monkeypatch)
     reference = whisper.transcribe(torch_tiny, str(speech_72s), fp16=False, verbose=None, **options)
-    our_calls = record_ours(monkeypatch)
-    ours = runtime.transcribe(tiny_runtime, speech_72s, verbose=None, **options)
+    our_calls, batch_sizes = record_ours(monkeypatch)
+    ours = runtime.transcribe(tiny_runtime, speech_72s, verbose=None, **options, **ours_only)
+    if case == "no-timestamps-unconditioned":
+        assert batch_sizes[0] == len(reference_calls), "independent windows should be decoded as one batch"
+    else:
+        assert set(batch_sizes) == {1}
 
     assert len(reference_calls) >= 3, "the sample should span three windows or more"
     compared = sum(len(c.tokens) for c in reference_calls)
