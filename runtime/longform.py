@@ -40,20 +40,9 @@ from runtime.decoding import (
 )
 from runtime.inference import Inference
 from runtime.tokenizer import LANGUAGES, TokenizerError, get_tokenizer
+from runtime.writers import format_timestamp
 
 _OPTION_NAMES = {f.name for f in fields(DecodingOptions)} - {"temperature"}
-
-
-def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
-    """[hh:]mm:ss.mmm, as openai-whisper prints segments."""
-    if seconds < 0:
-        raise ValueError(f"non-negative timestamp expected, got {seconds}")
-    milliseconds = round(seconds * 1000.0)
-    hours, milliseconds = divmod(milliseconds, 3_600_000)
-    minutes, milliseconds = divmod(milliseconds, 60_000)
-    seconds, milliseconds = divmod(milliseconds, 1_000)
-    hours_marker = f"{hours:02d}:" if always_include_hours or hours > 0 else ""
-    return f"{hours_marker}{minutes:02d}:{seconds:02d}{decimal_marker}{milliseconds:03d}"
 
 
 def _make_safe(text: str) -> str:
