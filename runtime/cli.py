@@ -77,8 +77,11 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
     from .writers import get_writer
 
     if temperature_increment_on_fallback is not None and temperature_increment_on_fallback > 0:
-        steps = int(round((1.0 - temperature) / temperature_increment_on_fallback))
-        temperatures = tuple(round(temperature + i * temperature_increment_on_fallback, 10) for i in range(steps + 1))
+        import numpy as np
+
+        # np.arange as openai-whisper's CLI does: the same floats (0.6000000000000001, ...) end up in
+        # each segment's "temperature", so the JSON output matches byte for byte.
+        temperatures = tuple(float(t) for t in np.arange(temperature, 1.0 + 1e-6, temperature_increment_on_fallback))
     else:
         temperatures = (temperature,)
     options = dict(task=task, language=language, temperature=temperatures, best_of=best_of,
@@ -87,7 +90,7 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
                    compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
                    no_speech_threshold=no_speech_threshold, without_timestamps=without_timestamps,
                    max_initial_timestamp=max_initial_timestamp, batch_windows=batch_windows,
-                   verbose=verbose if verbose else False)
+                   verbose=verbose)
     if sample_len is not None:
         options["sample_len"] = sample_len
 
