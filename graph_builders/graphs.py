@@ -16,7 +16,7 @@ safetensors. Each records how it is derived from its tensor (see WeightSpec): li
 stored (in, out), since `x @ W` reads them faster than the transposed (out, in) layout.
 
 Decoding one token is bound by reading the decoder's weights. When every checkpoint tensor is
-fp16 (as openai publishes them), the decoder keeps its weights in fp16: on CPU the one-token
+fp16 (as openai publishes them), the decoder keeps its weights in fp16: on CPU its token-row
 matmuls go through a custom kernel that reads fp16 and accumulates in fp32 (kernels/), so the
 result is the fp32 product from half the bytes; elsewhere the weights are cast to fp32 in the
 graph. Both compute in fp32 on the checkpoint's exact values. The encoder keeps fp32 weights.
@@ -102,9 +102,9 @@ class WhisperGraphs:
                 many_rows: bool = False) -> TensorValue:
         """x @ W, W made from `source` transposed to (in, out).
 
-        Decoder weights are fp16 when the checkpoint's are: read by the fp16 kernel for the few
-        rows of a decoding step, cast to fp32 in the graph for many rows (the audio's 1500
-        positions), where the stock matmul's blocking wins and the cast is paid once per window.
+        Decoder weights are fp16 when the checkpoint's are: on CPU the fp16 kernel reads them for
+        token rows (a step's one per sequence, a prefill's prompt); for the audio's 1500 rows, and
+        on GPU, they are cast to fp32 in the graph, once per window, for the stock matmul.
         """
         if not (decoder and self.fp16_weights):
             return x @ w.get(source, shape, "transpose")
