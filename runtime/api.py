@@ -21,12 +21,11 @@ def transcribe(model: WhisperModel | str | os.PathLike, audio: str | os.PathLike
     `model` is a loaded WhisperModel or an artifact folder; `audio` a file path (anything ffmpeg
     reads) or float32 16 kHz mono samples.
     """
-    from .audio import load_mel_filters
     from .longform import transcribe as transcribe_loop
 
     if not isinstance(model, WhisperModel):
         model = load_model(model)
-    filters = load_mel_filters(model.mel_filters_path, model.dims.n_mels)
     if isinstance(audio, (str, os.PathLike)):
         audio = str(Path(audio))
-    return transcribe_loop(model, audio, mel_filters=filters, tokenizer_path=str(model.tokenizer_path), **options)
+    return transcribe_loop(model, audio, mel_filters=model.mel_filters, tokenizer_path=str(model.tokenizer_path),
+                           **options)

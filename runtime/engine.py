@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .audio import AudioError, load_mel_filters
 from .inference import ModelDimensions
 
 MODEL_FORMAT = "whisper-max/model@1"
@@ -127,6 +128,10 @@ class WhisperModel:
         self.alignment_heads = model.get("alignment_heads")
         self.tokenizer_path = self.model_dir / model["tokenizer"]["file"]
         self.mel_filters_path = self.model_dir / model["mel_filters"]["file"]
+        try:  # once per model, not once per transcription
+            self.mel_filters = load_mel_filters(self.mel_filters_path, self.dims.n_mels)
+        except AudioError as exc:
+            raise ArtifactError(f"{exc}; {fix_convert}") from None
 
         self.target = _resolve_target(device)
         target_dir = self.model_dir / self.target.folder
