@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .checkpoint import ConversionError, load_checkpoint, sha256_file
+from .onnx_export import DEFAULT_OPSET as ONNX_DEFAULT_OPSET
 
 
 def _fail(message: str) -> None:
@@ -70,6 +71,29 @@ def validate_command(artifact_dir, checkpoint_path) -> None:
         click.echo(json.dumps(report, indent=2))
     except ConversionError as exc:
         _fail(str(exc))
+
+
+@main.command("export-onnx")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="output folder (default: ARTIFACT_DIR/onnx)")
+@click.option("--opset", type=int, default=ONNX_DEFAULT_OPSET, show_default=True, help="ONNX opset version")
+@click.option("--force", is_flag=True, help="export again even when the ONNX models are up to date")
+def export_onnx_command(artifact_dir, out_dir, opset, force) -> None:
+    """Write encoder, decoder_init and decoder_step ONNX models from a converted folder, checked with onnxruntime."""
+    from .onnx_export import export_onnx
+
+    try:
+        manifest = export_onnx(artifact_dir, out_dir, opset=opset, force=force)
+    except ConversionError as exc:
+        _fail(str(exc))
+    target = out_dir or artifact_dir / "onnx"
+    if manifest.get("up_to_date"):
+        click.echo(f"{target}: up to date")
+        return
+    errors = manifest["validation"]
+    click.echo(f"exported {', '.join(sorted(manifest['models']))} to {target} (opset {opset}); onnxruntime vs torch "
+               f"max abs error: encoder {errors['encoder']:.2e}, decoder_init logits "
+               f"{errors['decoder_init_logits']:.2e}, decoder_step logits {errors['decoder_step_logits']:.2e}")
 
 
 def _up_to_date(target: Path, checkpoint_path: Path) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, sha256_file
+from .checkpoint import Checkpoint, language_info, sha256_file
 from .official import alignment_heads, official_name_for
 
 MODEL_FORMAT = "whisper-max/model@1"
@@ -40,13 +40,6 @@ def atomic_write(target: Path, write) -> None:
 
 def write_json(target: Path, data: dict) -> None:
     atomic_write(target, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def language_info(n_vocab: int) -> tuple[bool, int]:
-    """openai-whisper's rule: multilingual vocabularies have 51,865 or more tokens; the language
-    tokens fill the gap between the 51,765 base tokens and the task tokens."""
-    is_multilingual = n_vocab >= 51865
-    return is_multilingual, n_vocab - 51765 - int(is_multilingual)
 
 
 def extract(checkpoint: Checkpoint, out_dir: Path, name: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,21 @@ def download(name: str, root: Path) -> Path:
     if name not in models:
         raise ConversionError(f"unknown model {name!r}; official names: {', '.join(models)}")
     try:
-        return Path(whisper._download(models[name], str(root), in_memory=False))
+        # openai-whisper warns (several lines) before replacing a cached file whose sha256 is wrong;
+        # the outcome is reported in one line below either way.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Path(whisper._download(models[name], str(root), in_memory=False))
     except OSError as exc:  # urllib's URLError is an OSError
         raise ConversionError(f"cannot download {name!r} from openaipublic.azureedge.net ({getattr(exc, 'reason', exc)}); "
                               "offline, pass a local file instead: make convert CHECKPOINT=path/to/model.pt") from None
+    except RuntimeError as exc:  # a download whose sha256 is wrong, or a cache path that is not a file
+        raise ConversionError(f"cannot download {name!r}: {' '.join(str(exc).split())}") from None
 
 
 def official_name_for(sha256: str) -> str | None:
+    """The name of the official file with this sha256. Aliases share a file ("large" is large-v3,
+    "turbo" is large-v3-turbo); openai's table lists the versioned name first, and it is the one returned."""
     for name, url in official_models().items():
         if url.split("/")[-2] == sha256:
             return name

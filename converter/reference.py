@@ -6,6 +6,8 @@ the extracted tensors, names and layouts are what the network needs, before any 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 
@@ -29,9 +31,26 @@ def _conv1d(x, w, b, stride):
     return np.einsum("oik,ikt->ot", w, cols) + b[:, None]
 
 
+class _Float64(Mapping):
+    """Weights cast to float64 when read, one tensor at a time: large-v3's 1.5 billion weights would
+    take 12 GB in float64 at once."""
+
+    def __init__(self, weights: Mapping):
+        self._weights = weights
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.asarray(self._weights[name], dtype=np.float64)
+
+    def __iter__(self):
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
 class NumpyWhisper:
-    def __init__(self, weights: dict[str, np.ndarray], dims: dict):
-        self.w = {k: v.astype(np.float64) for k, v in weights.items()}
+    def __init__(self, weights: Mapping[str, np.ndarray], dims: dict):
+        self.w = _Float64(weights)
         self.dims = dims
 
     def _attention(self, prefix, x, source, n_head, causal):

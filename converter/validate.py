@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,39 +33,67 @@ def _errors(ours: np.ndarray, reference: np.ndarray) -> dict:
             "reference_max_abs": float(np.abs(reference).max())}
 
 
+def _bit_equal(a, b) -> bool:
+    import torch
+
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+class _NumpyTensors(Mapping):
+    """The safetensors' tensors as float64 numpy arrays, read when asked for (bf16 included)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._names = list(handle.keys())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        import torch
+
+        return self._handle.get_tensor(name).to(torch.float64).numpy()
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def validate(checkpoint: Checkpoint, artifact_dir: Path) -> dict:
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from whisper.model import ModelDimensions, Whisper
 
     from .reference import NumpyWhisper
 
     started = time.perf_counter()
     model_json = json.loads((artifact_dir / "model.json").read_text())
-    stored = load_file(str(artifact_dir / model_json["weights"]["file"]))
-    if set(stored) != set(checkpoint.state_dict):
+    # Read tensor by tensor (memory-mapped), so a large model is never held twice in memory.
+    stored = safe_open(str(artifact_dir / model_json["weights"]["file"]), framework="pt")
+    names = set(stored.keys())
+    if names != set(checkpoint.state_dict):
         raise ConversionError(f"{artifact_dir}: safetensors and checkpoint hold different tensor names")
     mismatched = [name for name, t in checkpoint.state_dict.items()
-                  if t.dtype != stored[name].dtype or t.shape != stored[name].shape
-                  or not torch.equal(t.contiguous().view(torch.uint8), stored[name].view(torch.uint8))]
+                  if not _bit_equal(t, stored.get_tensor(name))]
     if mismatched:
         raise ConversionError(f"{len(mismatched)} tensor(s) differ from the checkpoint, e.g. {mismatched[0]}")
 
+    mel, tokens = fixed_inputs(checkpoint.dims)
     model = Whisper(ModelDimensions(**checkpoint.dims))
     model.load_state_dict(checkpoint.state_dict)
     model = model.float().eval()
-    mel, tokens = fixed_inputs(checkpoint.dims)
     with torch.no_grad():
         torch_audio = model.encoder(torch.from_numpy(mel)[None])
         torch_logits = model.decoder(torch.from_numpy(tokens)[None], torch_audio)[0].numpy()
         torch_audio = torch_audio[0].numpy()
+    del model  # large-v3's fp32 copy is 6 GB
 
-    reference = NumpyWhisper({k: v.float().numpy() for k, v in stored.items()}, checkpoint.dims)
+    reference = NumpyWhisper(_NumpyTensors(stored), checkpoint.dims)
     ours_audio = reference.encode(mel)
     ours_logits = reference.logits(tokens, ours_audio)
 
     report = {
-        "tensors": {"count": len(stored), "bit_equal": len(stored)},
+        "tensors": {"count": len(names), "bit_equal": len(names)},
         "inputs": {"seed": VALIDATION_SEED, "mel_shape": list(mel.shape), "tokens": tokens.tolist()},
         "encoder": _errors(ours_audio, torch_audio),
         "logits": _errors(ours_logits, torch_logits),
