@@ -1,11 +1,13 @@
 """MAX graphs of Whisper's network, built from `model.json`'s dimensions alone.
 
-Three graphs cover what the decoding loop needs:
+Four graphs cover what the decoding loop needs:
 - `encoder`: log-mel windows -> audio features.
 - `decoder_prefill`: the first decoder pass over a token prefix; computes every layer's
   cross-attention keys and values once, fills the self-attention cache, returns the logits of
   the positions asked for.
 - `decoder_step`: one token per row; reads the self-attention cache and appends to it.
+- `decoder_alignment`: a whole token sequence in one pass, returning the logits and the
+  cross-attention scores of chosen heads (word timestamps, runtime/timing.py).
 
 Caches stay in MAX buffers between calls: the runtime feeds a step's cache outputs to the next
 step without copying them to numpy. Attention keys are kept transposed ([batch, head, head_dim,
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
-from .kernels import KERNELS_PATH, fp16_weight_matmul
+from .kernels import ATTENTION_HEAD_DIM, KERNELS_PATH, fp16_weight_matmul, single_query_attention
 
 LAYER_NORM_EPS = 1e-5
 
@@ -41,8 +43,8 @@ class WeightSpec:
 
     transform: "none" (as stored), "transpose" (2-D, (out, in) -> (in, out)),
     "conv1d_rscf" ((out, in, k) -> (1, k, in, out), conv2d's filter layout).
-    The value is cast to `dtype` after the transform ("float32", or "float16" only for tensors
-    stored as fp16, so that the cast is exact).
+    The value is cast to `dtype` after the transform ("float32", or "float16": exact for tensors
+    stored as fp16, rounded when the user compiled an fp32 checkpoint with 16-bit decoder weights).
     """
 
     name: str
@@ -83,18 +85,25 @@ class BuiltGraph:
 class WhisperGraphs:
     """Builds the graphs for one model's dimensions on one device.
 
-    fp16_weights: every checkpoint tensor is fp16, so the decoder may keep exact fp16 copies.
+    fp16_weights: the decoder keeps fp16 weights (exact copies when every checkpoint tensor is fp16).
     """
 
     def __init__(self, dims: dict, device: DeviceRef, fp16_weights: bool = False):
         self.dims = dims
         self.device = device
         self.fp16_weights = fp16_weights
+        # The custom kernels (kernels/) are CPU code: the fp16-weight matmul for fp16 decoder
+        # weights, single-query attention for every decoder step.
         self.use_kernels = fp16_weights and device.is_cpu()
+        self.use_attention_kernel = device.is_cpu() and dims["n_text_state"] // dims["n_text_head"] == ATTENTION_HEAD_DIM
+
+    @property
+    def uses_custom_kernels(self) -> bool:
+        return self.use_kernels or self.use_attention_kernel
 
     def _graph(self, name: str, input_types: list) -> Graph:
         # A graph that calls a custom op must know its kernel library when it is built.
-        extensions = [KERNELS_PATH] if self.use_kernels and name.startswith("decoder") else []
+        extensions = [KERNELS_PATH] if self.uses_custom_kernels and name.startswith("decoder") else []
         return Graph(name, input_types=input_types, custom_extensions=extensions)
 
     # -- building blocks -------------------------------------------------------------------
@@ -140,10 +149,18 @@ class WhisperGraphs:
         batch, n_head, ctx, head_dim = x.shape
         return ops.reshape(ops.permute(x, [0, 2, 1, 3]), [batch, ctx, int(n_head) * int(head_dim)])
 
-    @staticmethod
-    def _attend(q: TensorValue, k_t: TensorValue, v: TensorValue, causal: bool = False) -> TensorValue:
+    def _attend(self, q: TensorValue, k_t: TensorValue, v: TensorValue, causal: bool = False) -> TensorValue:
         """softmax(q k^T / sqrt(head_dim)) v, with q [b, h, n, d], k_t [b, h, d, m], v [b, h, m, d]."""
-        head_dim = int(q.shape[-1])
+        batch, n_head, n_query, head_dim = q.shape
+        if self.use_attention_kernel and str(n_query) == "1" and not causal:
+            # One query per row (a decoder step): the kernel reads each row's keys and values once,
+            # where the stock batched matmuls cost ~3x that (kernels/mojo/attention.mojo).
+            n_rows = batch * n_head
+            rows = single_query_attention(ops.reshape(q, [n_rows, head_dim]),
+                                          ops.reshape(k_t, [n_rows, head_dim, k_t.shape[3]]),
+                                          ops.reshape(v, [n_rows, v.shape[2], head_dim]))
+            return ops.reshape(rows, [batch, n_head, n_query, head_dim])
+        head_dim = int(head_dim)
         # `scores * scale` in this order is what MAX's fused-attention pattern expects.
         scores = (q @ k_t) * (1.0 / math.sqrt(head_dim))
         if causal:
@@ -288,5 +305,64 @@ class WhisperGraphs:
             graph.output(logits, *cache)
         return BuiltGraph("decoder_step", graph, tuple(w.specs.values()))
 
+    # -- word alignment ----------------------------------------------------------------------
+    @staticmethod
+    def _attention_scores(q: TensorValue, k_t: TensorValue) -> TensorValue:
+        """q k^T / sqrt(head_dim), before the softmax: what openai-whisper's cross-attention hooks
+        capture for word timestamps (find_alignment renormalizes them over the audio's frames)."""
+        return (q @ k_t) * (1.0 / math.sqrt(int(q.shape[-1])))
+
+    def _causal(self, scores: TensorValue) -> TensorValue:
+        """Masks positions after each row's own (the same band_part mask as _attend's)."""
+        n = scores.shape[-1]
+        ones = ops.broadcast_to(ops.constant(1.0, DType.float32, device=self.device), [n, n])
+        lower = ops.cast(ops.band_part(ones, num_lower=None, num_upper=0), DType.bool)
+        return ops.where(lower, scores, ops.constant(-1e30, DType.float32, device=self.device))
+
+    def decoder_alignment(self) -> BuiltGraph:
+        """One full decoder pass that also returns cross-attention scores, for word timestamps.
+
+        Inputs: tokens int64 [1, n], heads int64 [k] (flat indices layer * n_text_head + head; the
+        runtime picks openai-whisper's alignment heads), audio_features [1, n_audio_ctx, state].
+        Outputs: logits [n, vocab] at every position; the selected heads' cross-attention scores
+        [k, n, n_audio_ctx] (pre-softmax). Its own layer loop, so that the fast decoding graphs
+        need not expose their attention weights.
+        """
+        d = self.dims
+        n_state, n_head, n_ctx = d["n_text_state"], d["n_text_head"], d["n_audio_ctx"]
+        w = WeightSet(self.device)
+        input_types = [
+            TensorType(DType.int64, [1, "n_tokens"], device=self.device),
+            TensorType(DType.int64, ["n_heads"], device=self.device),
+            TensorType(DType.float32, [1, n_ctx, d["n_audio_state"]], device=self.device),
+        ]
+        with self._graph("decoder_alignment", input_types) as graph:
+            tokens, heads, audio = (v.tensor for v in graph.inputs)
+            n = tokens.shape[1]
+            positions = ops.range(0, n, 1, out_dim=n, dtype=DType.int64, device=self.device)
+            x = self._embed(w, tokens, positions)
+            cross_scores = []
+            for i in range(d["n_text_layer"]):
+                prefix = f"decoder.blocks.{i}"
+                h = self._layer_norm(w, x, f"{prefix}.attn_ln", n_state)
+                q, k_t, v = self._self_attention_qkv(w, h, f"{prefix}.attn", n_state, n_head)
+                attended = ops.softmax(self._causal(self._attention_scores(q, k_t))) @ v
+                x = x + self._linear(w, self._merge_heads(attended), f"{prefix}.attn.out", n_state, n_state)
+                h = self._layer_norm(w, x, f"{prefix}.cross_attn_ln", n_state)
+                q = self._split_heads(self._linear(w, h, f"{prefix}.cross_attn.query", n_state, n_state), n_head)
+                ck_t = self._split_heads(self._linear(w, audio, f"{prefix}.cross_attn.key", d["n_audio_state"], n_state,
+                                                      bias=False, many_rows=True), n_head, keys=True)
+                cv = self._split_heads(self._linear(w, audio, f"{prefix}.cross_attn.value", d["n_audio_state"],
+                                                    n_state, many_rows=True), n_head)
+                scores = self._attention_scores(q, ck_t)  # [1, head, n, n_audio_ctx]
+                cross_scores.append(ops.reshape(scores, [n_head, n, n_ctx]))
+                x = x + self._linear(w, self._merge_heads(ops.softmax(scores) @ cv), f"{prefix}.cross_attn.out",
+                                     n_state, n_state)
+                x = x + self._mlp(w, self._layer_norm(w, x, f"{prefix}.mlp_ln", n_state), prefix, n_state)
+            x = self._layer_norm(w, x, "decoder.ln", n_state)
+            logits = ops.squeeze(self._logits(w, x), 0)
+            graph.output(logits, ops.gather(ops.concat(cross_scores, axis=0), heads, axis=0))
+        return BuiltGraph("decoder_alignment", graph, tuple(w.specs.values()))
+
     def all(self) -> list[BuiltGraph]:
-        return [self.encoder(), self.decoder_prefill(), self.decoder_step()]
+        return [self.encoder(), self.decoder_prefill(), self.decoder_step(), self.decoder_alignment()]

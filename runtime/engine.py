@@ -21,7 +21,7 @@ from .inference import ModelDimensions
 
 MODEL_FORMAT = "whisper-max/model@1"
 MANIFEST_FORMAT = "whisper-max/artifacts@1"
-GRAPHS = ("encoder", "decoder_prefill", "decoder_step")
+GRAPHS = ("encoder", "decoder_prefill", "decoder_step", "decoder_alignment")
 
 
 class ArtifactError(Exception):
@@ -106,7 +106,7 @@ class MaxAudioFeatures:
 
 
 class WhisperModel:
-    """A loaded model: dims, tokenizer and mel assets, and the three compiled graphs."""
+    """A loaded model: dims, tokenizer and mel assets, and the compiled graphs (runtime.engine.GRAPHS)."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", threads: int | None = None,
                  verify_checksums: bool = True):
@@ -234,16 +234,29 @@ class WhisperModel:
         features = audio_features.buffer
         if repeats > 1:
             features = self._to_device(np.repeat(self._to_host(features), repeats, axis=0))
-        return MaxDecoderSession(self, features)
+        return MaxDecoderSession(self, features, repeats)
+
+    def cross_attention_scores(self, audio_features: MaxAudioFeatures, tokens: np.ndarray,
+                               heads: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [n, vocab] and the heads' cross-attention scores [len(heads), n, n_audio_ctx] of
+        one token sequence over one window (the decoder_alignment graph)."""
+        if audio_features.batch_size != 1:
+            raise ValueError(f"word alignment takes one window's features, got a batch of {audio_features.batch_size}")
+        tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(1, -1))
+        flat_heads = np.array([layer * self.dims.n_text_head + head for layer, head in heads], dtype=np.int64)
+        logits, scores = self.graphs["decoder_alignment"].execute(
+            self._to_device(tokens), self._to_device(flat_heads), audio_features.buffer)
+        return self._to_host(logits), self._to_host(scores)
 
 
 class MaxDecoderSession:
     """A decoding pass: the self-attention cache and the cross-attention keys and values stay in
     MAX buffers from one call to the next."""
 
-    def __init__(self, model: WhisperModel, audio_features):
+    def __init__(self, model: WhisperModel, audio_features, repeats: int = 1):
         self.model = model
         self.audio_features = audio_features
+        self.repeats = repeats  # consecutive rows that serve one audio (beam search, best-of)
         self.self_cache: list = []
         self.cross: list = []
         self.length = 0
@@ -271,5 +284,13 @@ class MaxDecoderSession:
     def reorder(self, source_indices: Sequence[int]) -> None:
         m = self.model
         index = np.asarray(source_indices, dtype=np.int64)
+        rows = np.arange(len(index))
+        if np.array_equal(index, rows):
+            return
         self.self_cache = [m._to_device(np.take(m._to_host(b), index, axis=0)) for b in self.self_cache]
-        self.cross = [m._to_device(np.take(m._to_host(b), index, axis=0)) for b in self.cross]
+        # The rows of one audio hold the same cross-attention keys and values, so a permutation
+        # within each group of `repeats` rows (beam search's always is) leaves them valid. They
+        # are the big buffers (n_audio_ctx positions per layer): copying them each step would
+        # cost more than the step itself.
+        if not np.array_equal(index // self.repeats, rows // self.repeats):
+            self.cross = [m._to_device(np.take(m._to_host(b), index, axis=0)) for b in self.cross]

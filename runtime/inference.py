@@ -8,7 +8,7 @@ these two protocols, so it can be tested against any engine: the MAX artifacts i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -69,6 +69,9 @@ class Inference(Protocol):
     dims: ModelDimensions
     is_multilingual: bool
     num_languages: int
+    # [layer, head] pairs of the cross-attention heads that follow the speech (word timestamps);
+    # None: openai-whisper's default, every head of the last half of the decoder layers
+    alignment_heads: Optional[Sequence[Sequence[int]]]
 
     def encode(self, mel: np.ndarray) -> AudioFeatures:
         """mel: float32 [batch, n_mels, 2 * n_audio_ctx] log-mel windows."""
@@ -76,4 +79,15 @@ class Inference(Protocol):
 
     def decoder(self, audio_features: AudioFeatures, repeats: int = 1) -> DecoderSession:
         """Open a decoding pass; each audio row serves `repeats` consecutive sequences."""
+        ...
+
+    def cross_attention_scores(self, audio_features: AudioFeatures, tokens: np.ndarray,
+                               heads: Sequence[Tuple[int, int]]) -> Tuple[np.ndarray, np.ndarray]:
+        """One decoder pass over a whole token sequence, for word timestamps.
+
+        audio_features: one window's (batch 1); tokens: int [n]; heads: [layer, head] pairs.
+        Returns float32 logits [n, n_vocab] at every position, and float32 cross-attention scores
+        [len(heads), n, n_audio_ctx]: q k^T / sqrt(head_dim) before the softmax, as openai-whisper's
+        find_alignment captures them.
+        """
         ...

@@ -5,15 +5,16 @@ higher temperatures when the output is too repetitive or improbable), split into
 timestamp tokens, and the pointer moves to the end of the last complete segment. The previous
 windows' text conditions the next one. The result dict has openai-whisper's keys and values.
 
-Not implemented yet: word_timestamps=True (with it, hallucination_silence_threshold), which need
-the cross-attention weights. They raise UnsupportedOptionError (a ValueError and a
-NotImplementedError).
+With word_timestamps=True each window's segments get "words" (runtime/timing.py), the seek
+pointer moves to the end of the last word, and hallucination_silence_threshold skips silence
+around segments whose words look hallucinated, as openai-whisper does.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import fields
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -34,11 +35,12 @@ from runtime.decoding import (
     DecodingError,
     DecodingOptions,
     DecodingResult,
-    UnsupportedOptionError,
     decode,
     detect_language,
+    verify_options,
 )
 from runtime.inference import Inference
+from runtime.timing import add_word_timestamps, get_end
 from runtime.tokenizer import LANGUAGES, TokenizerError, get_tokenizer
 from runtime.writers import format_timestamp
 
@@ -66,6 +68,28 @@ def _parse_clip_timestamps(clip_timestamps: Union[str, Sequence[float]], content
     if len(seek_points) % 2 == 1:
         seek_points.append(content_frames)
     return list(zip(seek_points[::2], seek_points[1::2]))
+
+
+def options_at_temperature(decode_options: dict, temperature: float) -> DecodingOptions:
+    """The options of one decode at `temperature`, as whisper.transcribe makes them: beam search
+    (beam_size, patience) only at temperature 0, best_of only above it."""
+    kwargs = {**decode_options}
+    if temperature > 0:
+        kwargs.pop("beam_size", None)
+        kwargs.pop("patience", None)
+    else:
+        kwargs.pop("best_of", None)
+    return DecodingOptions(**kwargs, temperature=temperature)
+
+
+def check_decode_options(temperatures: Sequence[float], decode_options: dict) -> None:
+    """DecodingError, before any work, for options a decode at one of `temperatures` would reject
+    (e.g. beam_size=0, or patience without beam_size at temperature 0)."""
+    unknown = sorted(set(decode_options) - _OPTION_NAMES)
+    if unknown:
+        raise DecodingError(f"unknown decoding option(s): {', '.join(unknown)}")
+    for t in temperatures:
+        verify_options(options_at_temperature(decode_options, t))
 
 
 def _progress_bar(total: int, disable: bool):
@@ -123,16 +147,12 @@ def transcribe(
     Returns {"text", "segments": [{"id", "seek", "start", "end", "text", "tokens", "temperature",
     "avg_logprob", "compression_ratio", "no_speech_prob"}, ...], "language"}.
     """
-    if word_timestamps:
-        raise UnsupportedOptionError("word_timestamps=True is not supported by this runtime yet")
     # hallucination_silence_threshold only acts with word timestamps (as in openai-whisper)
-    unknown = sorted(set(decode_options) - _OPTION_NAMES)
-    if unknown:
-        raise DecodingError(f"unknown decoding option(s): {', '.join(unknown)}")
     decode_options.pop("fp16", None)
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
     if not temperatures:
         raise DecodingError("temperature must be a number or a non-empty sequence of numbers")
+    check_decode_options(temperatures, decode_options)
 
     if isinstance(mel_filters, (str, os.PathLike)):
         mel_filters = load_mel_filters(mel_filters, model.dims.n_mels)
@@ -142,7 +162,7 @@ def transcribe(
     # 30 s of silence after the audio, so every window can be sliced whole
     mel = log_mel_spectrogram(np.asarray(audio, dtype=np.float32), mel_filters, padding=N_SAMPLES)
     content_frames = mel.shape[-1] - N_FRAMES
-    content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)  # noqa: F841 (used by word timestamps)
+    content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
 
     if decode_options.get("language", None) is None:
         if not model.is_multilingual:
@@ -165,6 +185,11 @@ def transcribe(
         raise DecodingError(str(e)) from e
 
     seek_clips = _parse_clip_timestamps(clip_timestamps, content_frames)
+    # symbols that do not count as words when scoring a segment for hallucination
+    punctuation = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
+
+    if word_timestamps and task == "translate":
+        warnings.warn("Word-level timestamps on translations may not be reliable.")
 
     # Without timestamps, conditioning or a prompt, every window decodes from its own audio with
     # the same options, and the loop moves on by whole windows unless the model emits two
@@ -172,21 +197,20 @@ def transcribe(
     # decoded as one batch ahead of the loop: each decoder step then reads the weights once for
     # them all. A prefetched result is used only when the loop reaches exactly its window with an
     # empty prompt, so the outcome is the one-window-at-a-time outcome; fallbacks still run alone.
+    # Not with beam search: decoding in a batch runs until every window's beams have finished, and
+    # with patience < 1 a window that stops early fills its candidates from its live beams, which
+    # would have grown further in the batch; MAX also rounds a batch a little differently, which
+    # can flip near-tied beams. So beam search decodes one window at a time, as openai-whisper.
     batchable = (batch_windows > 1 and decode_options.get("without_timestamps", False)
                  and not condition_on_previous_text and initial_prompt is None
                  and decode_options.get("beam_size") is None and temperatures[0] == 0
-                 and not decode_options.get("prefix"))
+                 and not decode_options.get("prefix")
+                 # word timestamps move the seek to the last word, off the 30 s grid
+                 and not word_timestamps)
     prefetched: dict = {}
 
     def options_at(t: float) -> DecodingOptions:
-        kwargs = {**decode_options}
-        if t > 0:
-            # beam search is for greedy decoding only
-            kwargs.pop("beam_size", None)
-            kwargs.pop("patience", None)
-        else:
-            kwargs.pop("best_of", None)  # best-of-n is for sampling only
-        return DecodingOptions(**kwargs, temperature=t)
+        return options_at_temperature(decode_options, t)
 
     def prefetch_batch(start: int, clip_end: int) -> None:
         seeks = [s for s in range(start, min(content_frames, clip_end), N_FRAMES)][:batch_windows]
@@ -207,6 +231,8 @@ def transcribe(
                 result = prefetched.pop(window_seek)
             else:
                 result = decode(model, segment, options_at(t), tokenizer_path=tokenizer_path, rng=rng)
+                if isinstance(result, list):  # decoded from the window's audio features
+                    (result,) = result
 
             needs_fallback = False
             if compression_ratio_threshold is not None and result.compression_ratio > compression_ratio_threshold:
@@ -253,6 +279,31 @@ def transcribe(
             "no_speech_prob": result.no_speech_prob,
         }
 
+    # hallucination heuristics (openai-whisper's): a segment is anomalous when its first words are
+    # improbable, very short or very long
+    def word_anomaly_score(word: dict) -> float:
+        probability = word.get("probability", 0.0)
+        duration = word["end"] - word["start"]
+        score = 0.0
+        if probability < 0.15:
+            score += 1.0
+        if duration < 0.133:
+            score += (0.133 - duration) * 15
+        if duration > 2.0:
+            score += duration - 2.0
+        return score
+
+    def is_segment_anomaly(segment: Optional[dict]) -> bool:
+        if segment is None or not segment["words"]:
+            return False
+        words = [w for w in segment["words"] if w["word"] not in punctuation][:8]
+        score = sum(word_anomaly_score(w) for w in words)
+        return score >= 3 or score + 0.01 >= len(words)
+
+    def next_words_segment(segments: List[dict]) -> Optional[dict]:
+        return next((s for s in segments if s["words"]), None)
+
+    last_speech_timestamp = 0.0
     # the progress bar shows when verbose is False (with True, the segments are printed)
     with _progress_bar(content_frames, disable=verbose is not False) as pbar:
         while clip_idx < len(seek_clips):
@@ -265,6 +316,7 @@ def transcribe(
                     seek = seek_clips[clip_idx][0]
                 continue
             time_offset = float(seek * HOP_LENGTH / SAMPLE_RATE)
+            window_end_time = float((seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE)
             segment_size = min(N_FRAMES, content_frames - seek, seek_clip_end - seek)
             mel_segment = pad_or_trim(mel[:, seek: seek + segment_size], N_FRAMES)
             segment_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
@@ -276,7 +328,9 @@ def transcribe(
             else:
                 decode_options["prompt"] = all_tokens[prompt_reset_since:]
 
-            result = decode_with_fallback(mel_segment, seek, seek_clip_end)
+            # word timestamps align against the window's audio features: encode it once for both
+            features = model.encode(mel_segment[None]) if word_timestamps else None
+            result = decode_with_fallback(mel_segment if features is None else features, seek, seek_clip_end)
             tokens = np.asarray(result.tokens, dtype=np.int64)
 
             if no_speech_threshold is not None:
@@ -328,6 +382,75 @@ def transcribe(
                 current_segments.append(new_segment(
                     start=time_offset, end=time_offset + duration, tokens=tokens, result=result))
                 seek += segment_size
+
+            if word_timestamps:
+                add_word_timestamps(
+                    segments=current_segments,
+                    model=model,
+                    tokenizer=tokenizer,
+                    audio_features=features,
+                    num_frames=segment_size,
+                    prepend_punctuations=prepend_punctuations,
+                    append_punctuations=append_punctuations,
+                    last_speech_timestamp=last_speech_timestamp,
+                )
+
+                if not single_timestamp_ending:
+                    # continue right after the last word, not at the last timestamp token
+                    last_word_end = get_end(current_segments)
+                    if last_word_end is not None and last_word_end > time_offset:
+                        seek = round(last_word_end * FRAMES_PER_SECOND)
+
+                # skip silence before possible hallucinations
+                if hallucination_silence_threshold is not None:
+                    threshold = hallucination_silence_threshold
+                    if not single_timestamp_ending:
+                        last_word_end = get_end(current_segments)
+                        if last_word_end is not None and last_word_end > time_offset:
+                            remaining_duration = window_end_time - last_word_end
+                            if remaining_duration > threshold:
+                                seek = round(last_word_end * FRAMES_PER_SECOND)
+                            else:
+                                seek = previous_seek + segment_size
+
+                    # a first segment that may be a hallucination: skip the silence before it
+                    first_segment = next_words_segment(current_segments)
+                    if first_segment is not None and is_segment_anomaly(first_segment):
+                        gap = first_segment["start"] - time_offset
+                        if gap > threshold:
+                            seek = previous_seek + round(gap * FRAMES_PER_SECOND)
+                            continue
+
+                    # a possible hallucination surrounded by silence or more hallucinations: drop it
+                    # and what follows, and continue from its start
+                    hal_last_end = last_speech_timestamp
+                    for si in range(len(current_segments)):
+                        segment = current_segments[si]
+                        if not segment["words"]:
+                            continue
+                        if is_segment_anomaly(segment):
+                            next_segment = next_words_segment(current_segments[si + 1:])
+                            if next_segment is not None:
+                                hal_next_start = next_segment["words"][0]["start"]
+                            else:
+                                hal_next_start = time_offset + segment_duration
+                            silence_before = (segment["start"] - hal_last_end > threshold
+                                              or segment["start"] < threshold
+                                              or segment["start"] - time_offset < 2.0)
+                            silence_after = (hal_next_start - segment["end"] > threshold
+                                             or is_segment_anomaly(next_segment)
+                                             or window_end_time - segment["end"] < 2.0)
+                            if silence_before and silence_after:
+                                seek = round(max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
+                                if content_duration - segment["end"] < threshold:
+                                    seek = content_frames
+                                current_segments[si:] = []
+                                break
+                        hal_last_end = segment["end"]
+
+                last_word_end = get_end(current_segments)
+                if last_word_end is not None:
+                    last_speech_timestamp = last_word_end
 
             if verbose:
                 for segment in current_segments:

@@ -70,6 +70,6 @@ def test_manifest_records_provenance(tiny_model_dir):
     assert manifest["device"] == "cpu" and manifest["arch"] is None
     assert manifest["model"]["weights_sha256"] == model["weights"]["sha256"]
     assert manifest["model"]["source_sha256"] == model["source"]["sha256"]
-    assert set(manifest["graphs"]) == {"encoder", "decoder_prefill", "decoder_step"}
+    assert set(manifest["graphs"]) == {"encoder", "decoder_prefill", "decoder_step", "decoder_alignment"}
     for graph in manifest["graphs"].values():
         assert len(graph["signature"]) == 64 and graph["weights"] and graph["inputs"]

@@ -10,7 +10,10 @@ import pytest
 from audio_samples import synthesize_speech
 from conftest import run_tool
 
-DECODE = ["--language", "en", "--temperature-increment-on-fallback", "none", "--verbose", "False"]
+# greedy, as whisper.transcribe's Python default that these tests compare with (the CLI defaults to
+# beam 5 like openai-whisper's CLI; tests/test_beam_parity.py covers that)
+DECODE = ["--language", "en", "--temperature-increment-on-fallback", "none", "--verbose", "False",
+          "--beam-size", "none"]
 
 
 @pytest.fixture(scope="module")

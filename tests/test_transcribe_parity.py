@@ -102,6 +102,16 @@ def first_divergence(reference: list[DecodeCall], ours: list[DecodeCall]) -> Tie
 SEGMENT_EXACT = ("id", "seek", "start", "end", "text", "tokens", "temperature")
 SEGMENT_CLOSE = ("avg_logprob", "compression_ratio", "no_speech_prob")
 
+
+def assert_same_segments(ours: dict, reference: dict) -> None:
+    """Same segments as openai-whisper's result: SEGMENT_EXACT equal, SEGMENT_CLOSE within 1e-4."""
+    assert len(ours["segments"]) == len(reference["segments"])
+    for our_segment, ref_segment in zip(ours["segments"], reference["segments"]):
+        for key in SEGMENT_EXACT:
+            assert our_segment[key] == ref_segment[key], f"segment {ref_segment['id']}: {key} differs"
+        for key in SEGMENT_CLOSE:
+            assert our_segment[key] == pytest.approx(ref_segment[key], abs=1e-4), f"segment {ref_segment['id']}: {key}"
+
 CASES = {
     "timestamps-conditioned": dict(language="en"),
     "timestamps-unconditioned": dict(language="en", condition_on_previous_text=False),
@@ -146,12 +156,7 @@ def test_transcribe_matches_openai_whisper(case, monkeypatch, tiny_runtime, torc
     print(f"\n{case}: {compared} tokens in {len(reference_calls)} windows, identical")
     assert ours["language"] == reference["language"]
     assert ours["text"] == reference["text"]
-    assert len(ours["segments"]) == len(reference["segments"])
-    for our_segment, ref_segment in zip(ours["segments"], reference["segments"]):
-        for key in SEGMENT_EXACT:
-            assert our_segment[key] == ref_segment[key], f"segment {ref_segment['id']}: {key} differs"
-        for key in SEGMENT_CLOSE:
-            assert our_segment[key] == pytest.approx(ref_segment[key], abs=1e-4), f"segment {ref_segment['id']}: {key}"
+    assert_same_segments(ours, reference)
 
 
 def test_tie_detection_is_honest():

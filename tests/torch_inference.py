@@ -81,6 +81,8 @@ class TorchInference:
     def __init__(self, model):
         self.model = model.eval()
         self.dims = ModelDimensions(**vars(model.dims))
+        # the torch model's own sparse head mask, [layer, head] in its (sorted) order
+        self.alignment_heads = model.alignment_heads.indices().T.tolist()
         self.is_multilingual = bool(model.is_multilingual)
         self.num_languages = int(model.num_languages)
         self.n_encode_calls = 0
@@ -103,3 +105,23 @@ class TorchInference:
         if repeats > 1 and features.shape[0] > 1:
             features = features.repeat_interleave(repeats, dim=0)
         return TorchDecoderSession(self.model, features)
+
+    def cross_attention_scores(self, audio_features: TorchAudioFeatures, tokens: np.ndarray, heads):
+        """As whisper.timing.find_alignment: forward hooks on every cross-attention module collect
+        the pre-softmax scores, with SDPA disabled so that the modules compute them."""
+        from whisper.model import disable_sdpa
+
+        n_layer = self.dims.n_text_layer
+        scores = [None] * n_layer
+        hooks = [block.cross_attn.register_forward_hook(
+                     lambda _, ins, outs, index=i: scores.__setitem__(index, outs[-1][0]))
+                 for i, block in enumerate(self.model.decoder.blocks)]
+        try:
+            with torch.no_grad(), disable_sdpa():
+                tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
+                logits = self.model.decoder(tokens, audio_features.tensor)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        selected = torch.stack([scores[layer][head] for layer, head in heads])
+        return logits.float().numpy(), selected.float().numpy()
