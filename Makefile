@@ -16,6 +16,7 @@ ARTIFACTS ?= artifacts
 DEVICE ?= cpu
 ARCH ?= sm_90
 THREADS ?= 0
+DECODER_WEIGHTS ?= auto
 
 ifdef CHECKPOINT
 NAME ?= $(basename $(notdir $(CHECKPOINT)))
@@ -29,7 +30,7 @@ TARGET := $(if $(filter gpu,$(DEVICE)),gpu-$(ARCH),cpu)
 MODEL_DIR := $(ARTIFACTS)/$(NAME)
 OUT ?= transcripts
 
-.PHONY: setup system-deps convert compile transcribe test demo bench clean help
+.PHONY: setup system-deps convert compile export-onnx transcribe test demo bench clean help models-check
 
 help:
 	@sed -n '2,10p' Makefile
@@ -63,7 +64,13 @@ convert: setup
 compile: setup
 	@if [ -z "$(NAME)" ]; then echo "error: say which model: NAME=<folder under $(ARTIFACTS)/> (or MODEL=/CHECKPOINT=)" >&2; exit 2; fi
 	@if [ -n "$(SOURCE_ARGS)" ]; then $(MAKE) --no-print-directory convert; fi
-	$(VENV)/bin/graph-builders compile $(MODEL_DIR) --device $(DEVICE) $(if $(filter gpu,$(DEVICE)),--arch $(ARCH))
+	$(VENV)/bin/graph-builders compile $(MODEL_DIR) --device $(DEVICE) $(if $(filter gpu,$(DEVICE)),--arch $(ARCH)) \
+	    --decoder-weights $(DECODER_WEIGHTS)
+
+export-onnx: setup
+	@if [ -z "$(NAME)" ]; then echo "error: say which model: NAME=<folder under $(ARTIFACTS)/> (or MODEL=/CHECKPOINT=)" >&2; exit 2; fi
+	@if [ -n "$(SOURCE_ARGS)" ]; then $(MAKE) --no-print-directory convert; fi
+	$(VENV)/bin/converter export-onnx $(MODEL_DIR) $(if $(OPSET),--opset $(OPSET))
 
 transcribe: compile
 	@if [ -z "$(AUDIO)" ]; then echo "error: say which audio: AUDIO=file" >&2; exit 2; fi
@@ -82,6 +89,13 @@ demo: setup
 # --- checks ----------------------------------------------------------------------------------
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Official models' real dimensions with random fp16 weights: convert, validate, compile for cpu, and
+# compare with openai-whisper; wall time and peak memory per stage into $(ARTIFACTS)/models-check/summary.md.
+# large-v3: peak RSS 12 GB (convert, mapped checkpoint pages included), ~10 GB of disk, ~17 min on 2 cores.
+MODELS ?= base small medium large-v3
+models-check: setup
+	$(PY) tests/models_check.py $(MODELS) --work-dir $(ARTIFACTS)/models-check
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

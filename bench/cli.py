@@ -88,8 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-len", type=int, default=220, help="tokens decoded per 30 s window")
     p.add_argument("--impls", default="max,openai,faster-whisper",
                    help="comma-separated subset of max, openai, faster-whisper")
-    p.add_argument("--batched", action="store_true",
-                   help="also measure runtime.transcribe_batch (BATCH_SIZE copies of the audio) if the runtime has it")
+    p.add_argument("--batched", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure runtime.transcribe_batch (BATCH_SIZE copies of the audio), the many-files mode")
     p.add_argument("--batch-size", type=int, default=4)
     return p.parse_args(argv)
 

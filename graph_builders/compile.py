@@ -18,6 +18,7 @@ from pathlib import Path
 
 MANIFEST_FORMAT = "whisper-max/artifacts@1"
 DEFAULT_GPU_ARCH = "sm_90"
+DECODER_WEIGHTS = ("auto", "fp16", "fp32")
 
 
 class CompileError(Exception):
@@ -86,7 +87,25 @@ def load_model_json(artifact_dir: Path) -> dict:
         raise CompileError(f"{path} is not valid JSON ({exc}); run `make convert` again") from None
 
 
-def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = None, log=print) -> Path:
+def decoder_weight_dtype(model: dict, decoder_weights: str) -> tuple[str, bool]:
+    """The dtype the decoder's weights are kept in, and whether that holds the checkpoint's exact values.
+
+    auto: fp16 where every checkpoint tensor is fp16 (openai's files: exact), fp32 otherwise.
+    fp16: also for fp32 checkpoints (fine-tunes), rounded: half the bytes per token, other numerics.
+    fp32: the plain path, on any checkpoint.
+    """
+    if decoder_weights not in DECODER_WEIGHTS:
+        raise CompileError(f"unknown decoder weights {decoder_weights!r}; use one of {', '.join(DECODER_WEIGHTS)}")
+    checkpoint_fp16 = model["weights"].get("dtypes") == ["float16"]
+    if decoder_weights == "auto":
+        return ("float16" if checkpoint_fp16 else "float32"), True
+    if decoder_weights == "fp16":
+        return "float16", checkpoint_fp16
+    return "float32", True
+
+
+def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = None, log=print,
+                  decoder_weights: str = "auto") -> Path:
     """Compile every graph of the model; graphs whose artifact is already current are kept."""
     from max.engine import InferenceSession
 
@@ -104,15 +123,16 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     graph_device, session_devices = _graph_device(device, arch)
     # MAX 26.7 aborts when a session is created after a graph with custom ops was built.
     session = InferenceSession(devices=session_devices)
-    # fp16 decoder weights only where they hold the checkpoint's exact values.
-    fp16_weights = model["weights"].get("dtypes") == ["float16"]
-    builder = WhisperGraphs(model["dims"], graph_device, fp16_weights=fp16_weights)
+    weight_dtype, weights_exact = decoder_weight_dtype(model, decoder_weights)
+    if not weights_exact:
+        log("decoder weights rounded to fp16: results may differ from the checkpoint's own (see README)")
+    builder = WhisperGraphs(model["dims"], graph_device, fp16_weights=weight_dtype == "float16")
     built = builder.all()
     previous = _read_manifest(target)
     # The weights enter at init, so their values do not change a graph: its signature is its own
     # text, plus the MAX version and target that compiled it and the source of the custom kernels.
     provenance = {"max_version": max_version, "device": device, "arch": arch}
-    kernels = kernels_sha256() if builder.use_kernels else None
+    kernels = kernels_sha256() if builder.uses_custom_kernels else None
 
     graphs = {}
     for item in built:
@@ -142,6 +162,7 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
         "format": MANIFEST_FORMAT,
         **provenance,
         "kernels_sha256": kernels,
+        "decoder_weights": {"dtype": weight_dtype, "exact": weights_exact},
         "model": {"name": model["name"], "dims": model["dims"], "source_sha256": model["source"]["sha256"],
                   "weights_file": model["weights"]["file"], "weights_sha256": model["weights"]["sha256"]},
         "graphs": graphs,

@@ -1,5 +1,5 @@
 """Transcribe with Whisper from prebuilt MAX artifacts: no compiler, no torch."""
 
-from .api import load_model, transcribe
+from .api import load_model, transcribe, transcribe_batch
 
-__all__ = ["load_model", "transcribe"]
+__all__ = ["load_model", "transcribe", "transcribe_batch"]

@@ -29,3 +29,15 @@ def transcribe(model: WhisperModel | str | os.PathLike, audio: str | os.PathLike
         audio = str(Path(audio))
     return transcribe_loop(model, audio, mel_filters=model.mel_filters, tokenizer_path=str(model.tokenizer_path),
                            **options)
+
+
+def transcribe_batch(model: WhisperModel | str | os.PathLike, audios, batch_size: int = 8, **options) -> list[dict]:
+    """Transcribe many inputs, their fixed 30 s chunks decoded `batch_size` at a time (runtime/batched.py
+    says how the result differs from `transcribe`). Returns one {"text", "segments", "language"} per input."""
+    from .batched import transcribe_batch as transcribe_chunks
+
+    if not isinstance(model, WhisperModel):
+        model = load_model(model)
+    audios = [str(Path(a)) if isinstance(a, (str, os.PathLike)) else a for a in audios]
+    return transcribe_chunks(model, audios, mel_filters=model.mel_filters, tokenizer_path=str(model.tokenizer_path),
+                             batch_size=batch_size, **options)

@@ -27,8 +27,11 @@ from max.graph import DeviceRef, TensorType, TensorValue, ops
 KERNELS_DIR = Path(__file__).resolve().parent
 KERNELS_PATH = KERNELS_DIR / "mojo"
 OP_NAME = "fp16_weight_matmul"
+ATTENTION_OP_NAME = "single_query_attention"
+ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
-__all__ = ["KERNELS_PATH", "OP_NAME", "build_mojoc", "fp16_weight_matmul"]
+__all__ = ["ATTENTION_HEAD_DIM", "KERNELS_PATH", "OP_NAME", "build_mojoc", "fp16_weight_matmul",
+           "single_query_attention"]
 
 
 def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
@@ -52,6 +55,21 @@ def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
     return ops.custom(
         OP_NAME, device=DeviceRef.CPU(), values=[x, w], out_types=[out_type]
     )[0].tensor
+
+
+def single_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue) -> TensorValue:
+    """softmax(q @ k_t / 8) @ v for one query per row: q [R, 64], k_t [R, 64, M], v [R, M, 64] -> [R, 64].
+
+    float32 throughout; R and M may be symbolic, M <= 2048. CPU only; the enclosing Graph needs
+    ``custom_extensions=[KERNELS_PATH]``.
+    """
+    q, k_t, v = TensorValue(q), TensorValue(k_t), TensorValue(v)
+    if q.rank != 2 or k_t.rank != 3 or v.rank != 3:
+        raise ValueError(f"expected q [R, 64], k_t [R, 64, M], v [R, M, 64], got {q.shape}, {k_t.shape}, {v.shape}")
+    if any(t.dtype != DType.float32 for t in (q, k_t, v)):
+        raise TypeError("single_query_attention computes in float32")
+    out_type = TensorType(DType.float32, [q.shape[0], ATTENTION_HEAD_DIM], device=DeviceRef.CPU())
+    return ops.custom(ATTENTION_OP_NAME, device=DeviceRef.CPU(), values=[q, k_t, v], out_types=[out_type])[0].tensor
 
 
 def build_mojoc(out: str | Path) -> Path:
