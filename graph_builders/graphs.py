@@ -228,6 +228,16 @@ class WhisperGraphs:
             x = x + self._mlp(w, self._layer_norm(w, x, f"{prefix}.mlp_ln", n_state), prefix, n_state)
         return self._layer_norm(w, x, "decoder.ln", n_state), new_cache
 
+    def _cross_kv(self, w: WeightSet, audio: TensorValue, prefix: str) -> tuple[TensorValue, TensorValue]:
+        """One layer's cross-attention keys (transposed) and values of the audio features."""
+        d = self.dims
+        n_state, n_head = d["n_text_state"], d["n_text_head"]
+        k_t = self._split_heads(self._linear(w, audio, f"{prefix}.key", d["n_audio_state"], n_state, bias=False,
+                                             many_rows=True), n_head, keys=True)
+        v = self._split_heads(self._linear(w, audio, f"{prefix}.value", d["n_audio_state"], n_state, many_rows=True),
+                              n_head)
+        return k_t, v
+
     def _logits(self, w: WeightSet, x: TensorValue) -> TensorValue:
         d = self.dims
         # The output projection shares the token embedding; stored (state, vocab) for `x @ W`.
@@ -245,7 +255,6 @@ class WhisperGraphs:
         """Inputs: tokens int64 [batch, n], logit_positions int64 [p], audio_features [batch, n_audio_ctx, state].
         Outputs: logits [batch, p, vocab], then per layer self k_t, self v, then per layer cross k_t, cross v."""
         d = self.dims
-        n_state, n_head = d["n_text_state"], d["n_text_head"]
         w = WeightSet(self.device)
         input_types = [
             TensorType(DType.int64, ["batch", "n_tokens"], device=self.device),
@@ -259,12 +268,7 @@ class WhisperGraphs:
             x = self._embed(w, tokens, positions)
             cross = []
             for i in range(d["n_text_layer"]):
-                prefix = f"decoder.blocks.{i}.cross_attn"
-                ck_t = self._split_heads(self._linear(w, audio, f"{prefix}.key", d["n_audio_state"], n_state, bias=False,
-                                                      many_rows=True), n_head, keys=True)
-                cv = self._split_heads(self._linear(w, audio, f"{prefix}.value", d["n_audio_state"], n_state,
-                                                    many_rows=True), n_head)
-                cross.append((ck_t, cv))
+                cross.append(self._cross_kv(w, audio, f"decoder.blocks.{i}.cross_attn"))
             x, cache = self._decoder_layers(w, x, lambda i, k_t, v: (k_t, v), cross, causal=True)
             logits = self._logits(w, ops.gather(x, logit_positions, axis=1))
             graph.output(logits, *cache, *(t for pair in cross for t in pair))
@@ -350,10 +354,7 @@ class WhisperGraphs:
                 x = x + self._linear(w, self._merge_heads(attended), f"{prefix}.attn.out", n_state, n_state)
                 h = self._layer_norm(w, x, f"{prefix}.cross_attn_ln", n_state)
                 q = self._split_heads(self._linear(w, h, f"{prefix}.cross_attn.query", n_state, n_state), n_head)
-                ck_t = self._split_heads(self._linear(w, audio, f"{prefix}.cross_attn.key", d["n_audio_state"], n_state,
-                                                      bias=False, many_rows=True), n_head, keys=True)
-                cv = self._split_heads(self._linear(w, audio, f"{prefix}.cross_attn.value", d["n_audio_state"],
-                                                    n_state, many_rows=True), n_head)
+                ck_t, cv = self._cross_kv(w, audio, f"{prefix}.cross_attn")
                 scores = self._attention_scores(q, ck_t)  # [1, head, n, n_audio_ctx]
                 cross_scores.append(ops.reshape(scores, [n_head, n, n_ctx]))
                 x = x + self._linear(w, self._merge_heads(ops.softmax(scores) @ cv), f"{prefix}.cross_attn.out",

@@ -23,8 +23,10 @@ import numpy as np
 
 from runtime.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, load_mel_filters, \
     log_mel_spectrogram, pad_or_trim
-from runtime.decoding import DecodingError, DecodingOptions, DecodingResult, decode, detect_language
+from runtime.decoding import DecodingError, DecodingResult, decode, detect_language
 from runtime.inference import Inference
+from runtime.longform import check_decode_options, is_silent, needs_fallback, options_at_temperature, \
+    split_window
 from runtime.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -38,42 +40,12 @@ class _Chunk:
     result: Optional[DecodingResult] = None
 
 
-def _needs_fallback(result: DecodingResult, compression_ratio_threshold, logprob_threshold,
-                    no_speech_threshold) -> bool:
-    """whisper.transcribe's rule: too repetitive or too improbable, unless it is silence."""
-    failed = ((compression_ratio_threshold is not None and result.compression_ratio > compression_ratio_threshold)
-              or (logprob_threshold is not None and result.avg_logprob < logprob_threshold))
-    silence = (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
-               and logprob_threshold is not None and result.avg_logprob < logprob_threshold)
-    return failed and not silence
-
-
 def _segments(chunk: _Chunk, tokenizer, time_precision: float) -> List[dict]:
     """A chunk's segments: split at consecutive timestamp tokens, as whisper.transcribe splits a window."""
     result = chunk.result
-    tokens = np.asarray(result.tokens, dtype=np.int64)
-    offset = float(chunk.seek * HOP_LENGTH / SAMPLE_RATE)
-    duration = float(chunk.frames * HOP_LENGTH / SAMPLE_RATE)
-    is_timestamp = tokens >= tokenizer.timestamp_begin
-    consecutive = np.flatnonzero(is_timestamp[:-1] & is_timestamp[1:]) + 1
-    pieces: List[Tuple[float, float, np.ndarray]] = []
-    if len(consecutive) > 0:
-        slices = consecutive.tolist()
-        if is_timestamp[-2:].tolist() == [False, True]:  # ends with a single timestamp: a last segment
-            slices.append(len(tokens))
-        last = 0
-        for current in slices:
-            piece = tokens[last:current]
-            start = offset + (int(piece[0]) - tokenizer.timestamp_begin) * time_precision
-            end = offset + (int(piece[-1]) - tokenizer.timestamp_begin) * time_precision
-            pieces.append((start, end, piece))
-            last = current
-    else:
-        stamps = tokens[is_timestamp]
-        if len(stamps) > 0 and int(stamps[-1]) != tokenizer.timestamp_begin:
-            duration = (int(stamps[-1]) - tokenizer.timestamp_begin) * time_precision
-        pieces.append((offset, offset + duration, tokens))
-
+    pieces, _ = split_window(np.asarray(result.tokens, dtype=np.int64), tokenizer.timestamp_begin,
+                             float(chunk.seek * HOP_LENGTH / SAMPLE_RATE),
+                             float(chunk.frames * HOP_LENGTH / SAMPLE_RATE), time_precision)
     segments = []
     for start, end, piece in pieces:
         token_list = [int(t) for t in piece]
@@ -114,12 +86,10 @@ def transcribe_batch(
     if decode_options.pop("condition_on_previous_text", False):
         raise DecodingError("batched transcription does not condition on previous text; "
                             "pass condition_on_previous_text=False or use transcribe")
-    unknown = sorted(set(decode_options) - {f for f in DecodingOptions.__dataclass_fields__} - {"temperature"})
-    if unknown:
-        raise DecodingError(f"unknown decoding option(s): {', '.join(unknown)}")
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
     if not temperatures:
         raise DecodingError("temperature must be a number or a non-empty sequence of numbers")
+    check_decode_options(temperatures, decode_options)
     if isinstance(mel_filters, (str, os.PathLike)):
         mel_filters = load_mel_filters(mel_filters, model.dims.n_mels)
     time_precision = (N_FRAMES // model.dims.n_audio_ctx) * HOP_LENGTH / SAMPLE_RATE
@@ -157,23 +127,17 @@ def transcribe_batch(
 
     pending = chunks
     for t in temperatures:
-        options = dict(base, temperature=t)
-        if t > 0:
-            options.pop("beam_size", None)
-            options.pop("patience", None)
-        else:
-            options.pop("best_of", None)
         failed: List[_Chunk] = []
         for language in sorted({c.language for c in pending}):
             group = [c for c in pending if c.language == language]
             for start in range(0, len(group), batch_size):
                 batch = group[start:start + batch_size]
                 results = decode(model, np.stack([c.mel for c in batch]),
-                                 DecodingOptions(**dict(options, language=language)),
+                                 options_at_temperature(dict(base, language=language), t),
                                  tokenizer_path=tokenizer_path, rng=rng)
                 for chunk, result in zip(batch, results):
                     chunk.result = result
-                    if _needs_fallback(result, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
+                    if needs_fallback(result, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
                         failed.append(chunk)
         pending = failed
         if not pending:
@@ -184,10 +148,8 @@ def transcribe_batch(
         tokenizer = tokenizers[language]
         segments: List[dict] = []
         for chunk in (c for c in chunks if c.source == index):
-            result = chunk.result
-            if (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
-                    and not (logprob_threshold is not None and result.avg_logprob > logprob_threshold)):
-                continue  # silence: whisper skips the window
+            if is_silent(chunk.result, no_speech_threshold, logprob_threshold):
+                continue  # whisper skips such a window
             segments.extend(_segments(chunk, tokenizer, time_precision))
         for i, segment in enumerate(segments):
             segment["id"] = i

@@ -70,6 +70,58 @@ def _parse_clip_timestamps(clip_timestamps: Union[str, Sequence[float]], content
     return list(zip(seek_points[::2], seek_points[1::2]))
 
 
+def needs_fallback(result: DecodingResult, compression_ratio_threshold: Optional[float],
+                   logprob_threshold: Optional[float], no_speech_threshold: Optional[float]) -> bool:
+    """whisper.transcribe's rule for decoding a window again, hotter: too repetitive or too
+    improbable, unless the window is silence."""
+    failed = ((compression_ratio_threshold is not None and result.compression_ratio > compression_ratio_threshold)
+              or (logprob_threshold is not None and result.avg_logprob < logprob_threshold))
+    silence = (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
+               and logprob_threshold is not None and result.avg_logprob < logprob_threshold)
+    return failed and not silence
+
+
+def is_silent(result: DecodingResult, no_speech_threshold: Optional[float], logprob_threshold: Optional[float]) -> bool:
+    """Voice activity as whisper.transcribe judges it: a window the model calls silent is skipped,
+    unless its text is probable."""
+    if no_speech_threshold is None or result.no_speech_prob <= no_speech_threshold:
+        return False
+    return not (logprob_threshold is not None and result.avg_logprob > logprob_threshold)
+
+
+def split_window(tokens: np.ndarray, timestamp_begin: int, time_offset: float, duration: float,
+                 time_precision: float) -> Tuple[List[Tuple[float, float, np.ndarray]], Optional[int]]:
+    """A window's tokens cut into segments as whisper.transcribe cuts them: where two timestamp
+    tokens meet (end of one, start of the next), else one segment ending at the last timestamp.
+
+    Returns ([(start, end, tokens)], resume): resume is the timestamp position the next window
+    starts from when the last segment is unfinished, None when the whole window is done.
+    """
+    is_timestamp = tokens >= timestamp_begin
+    single_timestamp_ending = is_timestamp[-2:].tolist() == [False, True]
+    consecutive = np.flatnonzero(is_timestamp[:-1] & is_timestamp[1:]) + 1
+    if len(consecutive) == 0:
+        timestamps = tokens[is_timestamp]
+        if len(timestamps) > 0 and int(timestamps[-1]) != timestamp_begin:
+            # no pair of timestamps, but a last one: the segment ends there
+            duration = (int(timestamps[-1]) - timestamp_begin) * time_precision
+        return [(time_offset, time_offset + duration, tokens)], None
+    slices = consecutive.tolist()
+    if single_timestamp_ending:
+        slices.append(len(tokens))
+    pieces = []
+    last_slice = 0
+    for current_slice in slices:
+        sliced = tokens[last_slice:current_slice]
+        pieces.append((time_offset + (int(sliced[0]) - timestamp_begin) * time_precision,
+                       time_offset + (int(sliced[-1]) - timestamp_begin) * time_precision, sliced))
+        last_slice = current_slice
+    if single_timestamp_ending:
+        return pieces, None  # a lone timestamp before EOT: nothing is spoken after it in this window
+    # the text after the last pair is an unfinished segment: drop it, resume at the last timestamp
+    return pieces, int(tokens[last_slice - 1]) - timestamp_begin
+
+
 def options_at_temperature(decode_options: dict, temperature: float) -> DecodingOptions:
     """The options of one decode at `temperature`, as whisper.transcribe makes them: beam search
     (beam_size, patience) only at temperature 0, best_of only above it."""
@@ -234,15 +286,7 @@ def transcribe(
                 if isinstance(result, list):  # decoded from the window's audio features
                     (result,) = result
 
-            needs_fallback = False
-            if compression_ratio_threshold is not None and result.compression_ratio > compression_ratio_threshold:
-                needs_fallback = True  # too repetitive
-            if logprob_threshold is not None and result.avg_logprob < logprob_threshold:
-                needs_fallback = True  # too improbable
-            if (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
-                    and logprob_threshold is not None and result.avg_logprob < logprob_threshold):
-                needs_fallback = False  # silence
-            if not needs_fallback:
+            if not needs_fallback(result, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
                 break
         return result
 
@@ -333,55 +377,20 @@ def transcribe(
             result = decode_with_fallback(mel_segment if features is None else features, seek, seek_clip_end)
             tokens = np.asarray(result.tokens, dtype=np.int64)
 
-            if no_speech_threshold is not None:
-                # voice activity: skip a window the model calls silent, unless its text is probable
-                should_skip = result.no_speech_prob > no_speech_threshold
-                if logprob_threshold is not None and result.avg_logprob > logprob_threshold:
-                    should_skip = False
-                if should_skip:
-                    seek += segment_size  # on to the next window
-                    continue
+            if is_silent(result, no_speech_threshold, logprob_threshold):
+                seek += segment_size  # on to the next window
+                continue
 
             previous_seek = seek
             current_segments: List[dict] = []
 
             is_timestamp = tokens >= tokenizer.timestamp_begin
             single_timestamp_ending = is_timestamp[-2:].tolist() == [False, True]
-            consecutive = np.flatnonzero(is_timestamp[:-1] & is_timestamp[1:]) + 1
-            if len(consecutive) > 0:
-                # segments end where two timestamps meet (end of one, start of the next)
-                slices = consecutive.tolist()
-                if single_timestamp_ending:
-                    slices.append(len(tokens))
-                last_slice = 0
-                for current_slice in slices:
-                    sliced = tokens[last_slice:current_slice]
-                    start_pos = int(sliced[0]) - tokenizer.timestamp_begin
-                    end_pos = int(sliced[-1]) - tokenizer.timestamp_begin
-                    current_segments.append(new_segment(
-                        start=time_offset + start_pos * time_precision,
-                        end=time_offset + end_pos * time_precision,
-                        tokens=sliced,
-                        result=result,
-                    ))
-                    last_slice = current_slice
-                if single_timestamp_ending:
-                    # a lone timestamp before EOT: nothing is spoken after it in this window
-                    seek += segment_size
-                else:
-                    # drop the unfinished last segment; continue from the last complete one
-                    last_timestamp_pos = int(tokens[last_slice - 1]) - tokenizer.timestamp_begin
-                    seek += last_timestamp_pos * input_stride
-            else:
-                duration = segment_duration
-                timestamps = tokens[is_timestamp]
-                if len(timestamps) > 0 and int(timestamps[-1]) != tokenizer.timestamp_begin:
-                    # no pair of timestamps, but a last one: the segment ends there
-                    last_timestamp_pos = int(timestamps[-1]) - tokenizer.timestamp_begin
-                    duration = last_timestamp_pos * time_precision
-                current_segments.append(new_segment(
-                    start=time_offset, end=time_offset + duration, tokens=tokens, result=result))
-                seek += segment_size
+            pieces, resume = split_window(tokens, tokenizer.timestamp_begin, time_offset, segment_duration,
+                                          time_precision)
+            for start, end, sliced in pieces:
+                current_segments.append(new_segment(start=start, end=end, tokens=sliced, result=result))
+            seek += segment_size if resume is None else resume * input_stride
 
             if word_timestamps:
                 add_word_timestamps(
