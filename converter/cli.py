@@ -19,7 +19,7 @@ def _fail(message: str) -> None:
 
 @click.group()
 def main() -> None:
-    """Convert openai-whisper checkpoints into this project's artifacts."""
+    """Convert Whisper checkpoints (openai .pt, faster-whisper or Hugging Face folders) into this project's artifacts."""
 
 
 @main.command()

@@ -6,40 +6,20 @@ folder with a model.json is complete.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import language_info, sha256_file
+from contracts import MODEL_FORMAT, atomic_write, sha256_file, write_json
+
+from .checkpoint import language_info
 from .sources import Source
 
-MODEL_FORMAT = "whisper-max/model@1"
 # Bumped whenever the converter records something new in model.json, so older folders convert again.
 CONVERTER_VERSION = 3
 WEIGHTS_FILE = "weights.safetensors"
 MEL_FILTERS_FILE = "mel_filters.npz"
-
-
-def atomic_write(target: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path onto target (same folder, so the rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; artifacts are ordinary readable files
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(target: Path, data: dict) -> None:
-    atomic_write(target, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def whisper_assets() -> Path:

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+import contracts
+from contracts import MODEL_JSON, write_json
+
 from .checkpoint import DIM_FIELDS, ConversionError, sha256_file
-from .extract import write_json
 from .validate import TOLERANCE, VALIDATION_SEED, fixed_inputs
 
 ONNX_FORMAT = "whisper-max/onnx@1"
@@ -47,18 +49,16 @@ INIT_TOKENS = 4
 def read_model_json(artifact_dir: Path) -> dict:
     """model.json of a converted folder, after checking its weights against the sha256 it records."""
     artifact_dir = Path(artifact_dir)
-    if not artifact_dir.is_dir():
-        raise ConversionError(f"artifact folder not found: {artifact_dir}")
-    model_path = artifact_dir / "model.json"
-    if not model_path.is_file():
-        raise ConversionError(f"{artifact_dir} has no model.json; run make convert first")
+    model_path = artifact_dir / MODEL_JSON
     try:
-        model_json = json.loads(model_path.read_text())
+        model_json = contracts.read_model_json(artifact_dir)
         weights_path = artifact_dir / model_json["weights"]["file"]
         expected_sha256 = model_json["weights"]["sha256"]
         missing = [f for f in DIM_FIELDS if not isinstance(model_json["dims"].get(f), int)]
         if missing:
             raise KeyError(f"dims lacks {', '.join(missing)}")
+    except contracts.ContractError as exc:
+        raise ConversionError(str(exc)) from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConversionError(f"{model_path} is not a converter model.json ({exc}); run make convert again") from None
     if not weights_path.is_file():

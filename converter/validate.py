@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from contracts import write_json
+
 from .checkpoint import ConversionError
-from .extract import write_json
 from .sources import Source
 
 # fp32 torch against a float64 numpy pass over the same fp16-valued weights: differences come from

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-MANIFEST_FORMAT = "whisper-max/artifacts@1"
+from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, ContractError, atomic_write, read_manifest, read_model_json,
+                       sha256_bytes, sha256_file, write_json)
+
 DEFAULT_GPU_ARCH = "sm_90"
 DECODER_WEIGHTS = ("auto", "fp16", "fp32")
 
@@ -27,30 +27,6 @@ class CompileError(Exception):
 
 def target_name(device: str, arch: str | None) -> str:
     return "cpu" if device == "cpu" else f"gpu-{arch}"
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _describe(tensor_type) -> dict:
@@ -78,13 +54,10 @@ def _graph_device(device: str, arch: str | None):
 
 
 def load_model_json(artifact_dir: Path) -> dict:
-    path = artifact_dir / "model.json"
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CompileError(f"{path} not found; run `make convert` first") from None
-    except ValueError as exc:
-        raise CompileError(f"{path} is not valid JSON ({exc}); run `make convert` again") from None
+        return read_model_json(artifact_dir)
+    except ContractError as exc:
+        raise CompileError(str(exc)) from None
 
 
 def decoder_weight_dtype(model: dict, decoder_weights: str) -> tuple[str, bool]:
@@ -137,21 +110,21 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     graphs = {}
     for item in built:
         text = str(item.graph)
-        signature = _sha256_bytes(json.dumps({**provenance, "kernels": kernels}, sort_keys=True).encode() + text.encode())
+        signature = sha256_bytes(json.dumps({**provenance, "kernels": kernels}, sort_keys=True).encode() + text.encode())
         mef = target / f"{item.name}.mef"
         old = (previous or {}).get("graphs", {}).get(item.name)
-        if old and old["signature"] == signature and mef.is_file() and _sha256_file(mef) == old["sha256"]:
+        if old and old["signature"] == signature and mef.is_file() and sha256_file(mef) == old["sha256"]:
             log(f"{item.name}: up to date")
             graphs[item.name] = old
             continue
         started = time.perf_counter()
         compiled = session.compile(item.graph)
         seconds = time.perf_counter() - started
-        _atomic_write_bytes(mef, compiled.export_mef)
+        atomic_write(mef, lambda path: compiled.export_mef(str(path)))
         log(f"{item.name}: compiled in {seconds:.1f} s -> {mef}")
         graphs[item.name] = {
             "file": mef.name,
-            "sha256": _sha256_file(mef),
+            "sha256": sha256_file(mef),
             "signature": signature,
             "inputs": [_describe(value.type) for value in item.graph.inputs],
             "weights": [spec.to_json() for spec in item.weights],
@@ -164,12 +137,12 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
         "kernels_sha256": kernels,
         "decoder_weights": {"dtype": weight_dtype, "exact": weights_exact},
         "model": {"name": model["name"], "dims": model["dims"], "source_sha256": model["source"]["sha256"],
+                  "source_format": model["source"].get("format", "openai"),
                   "weights_file": model["weights"]["file"], "weights_sha256": model["weights"]["sha256"]},
         "graphs": graphs,
     }
     if manifest != previous:
-        _atomic_write_bytes(target / "manifest.json",
-                            lambda p: Path(p).write_text(json.dumps(manifest, indent=2) + "\n"))
+        write_json(target / MANIFEST_JSON, manifest)
     return target
 
 
@@ -185,6 +158,6 @@ def kernels_sha256() -> str:
 
 def _read_manifest(target: Path) -> dict | None:
     try:
-        return json.loads((target / "manifest.json").read_text())
-    except (OSError, ValueError):
+        return read_manifest(target, "compiling anew")
+    except ContractError:
         return None

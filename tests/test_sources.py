@@ -190,3 +190,36 @@ def test_split_model_bin_joined_in_order_or_refused(foreign_folders, tmp_path):
     for wrong in (parts[::-1], parts[:1]):
         with pytest.raises(ConversionError, match="missing, truncated or out of order"):
             join_parts(wrong, tmp_path / "wrong.bin", expected)
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded safetensors"])
+def test_transformers_layouts_give_the_same_weights(layout, foreign_folders, converted_foreign, tmp_path):
+    """transformers also saves pytorch_model.bin (read with weights_only=True) and shards with an index."""
+    import torch
+    from safetensors.numpy import save_file
+
+    source = foreign_folders["hf-float32"]
+    folder = tmp_path / "hf"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = load_file(str(source / "model.safetensors"))
+    if layout == "pytorch_model.bin":
+        torch.save({name: torch.from_numpy(array) for name, array in weights.items()}, folder / "pytorch_model.bin")
+    else:
+        names = sorted(weights)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, shard_names in shards.items():
+            save_file({name: weights[name] for name in shard_names}, str(folder / shard), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {name: shard for shard, ns in shards.items() for name in ns}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    run_tool("converter", "convert", "--checkpoint", str(folder), "--name", "hf", "--out-dir", str(tmp_path / "out"))
+    reference = load_file(str(converted_foreign["hf-float32"] / "weights.safetensors"))
+    converted = load_file(str(tmp_path / "out" / "hf" / "weights.safetensors"))
+    assert converted.keys() == reference.keys()
+    assert all(converted[n].dtype == reference[n].dtype and converted[n].tobytes() == reference[n].tobytes()
+               for n in reference)
+    model = json.loads((tmp_path / "out" / "hf" / "model.json").read_text())
+    files = [f["file"] for f in model["source"]["files"]]
+    if layout == "pytorch_model.bin":
+        assert files[0] == "pytorch_model.bin"
+    else:
+        assert files[:3] == ["model.safetensors.index.json", *shards]

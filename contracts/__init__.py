@@ -1,0 +1,98 @@
+"""The contracts between the stages, in one place: `model.json` (convert -> compile and runtime) and the
+artifact `manifest.json` (compile -> runtime), with the hashing and write-then-rename every stage uses.
+
+The converter, the graph builders and the runtime read and check these files by the same rules, so a
+folder one stage accepts is a folder the next one accepts, and a refusal always names the command that
+rebuilds what is wrong. Standard library only: the runtime installs without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+MODEL_FORMAT = "whisper-max/model@1"
+MANIFEST_FORMAT = "whisper-max/artifacts@1"
+MODEL_JSON = "model.json"
+MANIFEST_JSON = "manifest.json"
+# what every stage reads from model.json
+MODEL_KEYS = ("name", "dims", "is_multilingual", "num_languages", "alignment_heads", "source", "weights",
+              "tokenizer", "mel_filters")
+FIX_CONVERT = "run `make convert` for this model"
+
+
+class ContractError(Exception):
+    """A one-line reason why a stage's input cannot be used, ending with the command that fixes it."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(target: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto target (same folder, so the rename is atomic):
+    a reader sees the old file or the whole new one, never half of it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; artifacts are ordinary readable files
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(target: Path, data: dict) -> None:
+    atomic_write(target, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def read_json(path: Path, fix: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ContractError(f"{path} not found; {fix}") from None
+    except (OSError, ValueError) as exc:
+        raise ContractError(f"{path} is not valid JSON ({type(exc).__name__}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{path} does not hold a JSON object; {fix}")
+    return data
+
+
+def read_model_json(artifact_dir: Path, fix: str = FIX_CONVERT) -> dict:
+    """An artifact folder's model.json, checked: the format this code writes, and every key the stages read."""
+    artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise ContractError(f"model folder {artifact_dir} not found; {fix}")
+    path = artifact_dir / MODEL_JSON
+    if not path.is_file():
+        raise ContractError(f"{artifact_dir} has no {MODEL_JSON}; {fix}")
+    model = read_json(path, fix)
+    if model.get("format") != MODEL_FORMAT:
+        raise ContractError(f"{path} has format {model.get('format')!r}, not {MODEL_FORMAT!r}; {fix} again")
+    missing = [key for key in MODEL_KEYS if key not in model]
+    if missing:
+        raise ContractError(f"{path} lacks {', '.join(missing)}; {fix} again")
+    return model
+
+
+def read_manifest(target_dir: Path, fix: str) -> dict:
+    """A compiled target's manifest.json, checked for its format; what it must match is the reader's to say."""
+    path = Path(target_dir) / MANIFEST_JSON
+    manifest = read_json(path, fix)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ContractError(f"{path} has format {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}; {fix}")
+    return manifest
