@@ -1,6 +1,11 @@
 """`python -m bench`: this project's runtime against openai-whisper and faster-whisper.
 
-Every implementation transcribes the same audio with the same checkpoint, the same decoding
+By default the real-use workloads of bench/real.py: real tiny.en and base weights, whisper.transcribe()'s
+and the CLI's defaults and many files at once, on lecture-en.flac and a few minutes of synthesized
+speech (--models, --workloads, --impls, --audio, --repeats scope a run). `--workloads random` is the
+decode-heavy workload described below, on a random-weight checkpoint.
+
+In the random workload every implementation transcribes the same audio with the same checkpoint, the same decoding
 settings and the same thread budget, each run in a fresh child process (bench/driver.py),
 interleaved A B C A B C ... over the repetitions. Random weights never emit end-of-text, so every
 30 s window decodes exactly --sample-len tokens: a fixed, decode-heavy workload.
@@ -74,11 +79,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peers-python", default=None,
                    help=f"python with openai-whisper (and faster-whisper) (default: {PEERS_PYTHON} when it "
                         "exists, else this python)")
-    p.add_argument("--audio", type=Path, default=None,
-                   help=f"audio file (default: {SHARED_AUDIO} when it exists, else about 154 s of speech "
-                        "synthesized into OUT_DIR with espeak-ng)")
+    p.add_argument("--models", default="tiny.en,base",
+                   help="real models of the api/cli/batch workloads (faster-whisper folders in ~/.cache/whisper or "
+                        "~/.cache/whisper-peers/models, else fetched by `converter convert --model NAME`)")
+    p.add_argument("--workloads", default="api,cli,batch",
+                   help="comma-separated subset of api (whisper.transcribe() defaults), cli (the whisper CLI's: beam "
+                        "5), batch (many files at once), random (random weights, decode-heavy; the options "
+                        "--checkpoint, --ct2-model, --sample-len, --ts-repeats are its own)")
+    p.add_argument("--audio", default=None,
+                   help="comma-separated audio: lecture (../shared/audio/lecture-en.flac), long (SYNTH_SECONDS of "
+                        "speech with pauses synthesized into OUT_DIR/audio, its text known), jfk, or file paths (a "
+                        "sibling .txt is the spoken text) (default: lecture,long; the random workload takes the "
+                        f"first, else {SHARED_AUDIO} or 154 s synthesized)")
+    p.add_argument("--synth-seconds", type=float, default=210.0, help="length of the synthesized 'long' audio")
     p.add_argument("--threads", type=int, default=2, help="threads for every implementation")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of the main workload")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repetitions of every workload (the random one: without timestamps)")
     p.add_argument("--ts-repeats", type=int, default=1,
                    help="repetitions of the timestamped workload (without_timestamps=False); 0 skips it")
     p.add_argument("--out-dir", type=Path, default=Path("bench-out"))
@@ -86,11 +102,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="artifact folder name for the checkpoint (default: bench-<checkpoint stem>)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root")
     p.add_argument("--sample-len", type=int, default=220, help="tokens decoded per 30 s window")
-    p.add_argument("--impls", default="max,openai,faster-whisper",
-                   help="comma-separated subset of max, openai, faster-whisper")
+    p.add_argument("--impls", default="max,openai,faster-whisper,faster-whisper-int8",
+                   help="comma-separated subset of max, openai, faster-whisper (CT2 float32), faster-whisper-int8 "
+                        "(real workloads only)")
     p.add_argument("--batched", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure runtime.transcribe_batch (BATCH_SIZE copies of the audio), the many-files mode")
-    p.add_argument("--batch-size", type=int, default=4)
+                   help="random workload: also measure runtime.transcribe_batch (BATCH_FILES copies of the audio)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="batch workload: decoder batch size of transcribe_batch and of faster-whisper's "
+                        "BatchedInferencePipeline")
+    p.add_argument("--batch-files", type=int, default=4,
+                   help="files (copies of the audio) of the batch workload and of the random workload's "
+                        "transcribe_batch row")
+    p.add_argument("--batch-vad", action="store_true",
+                   help="batch workload: this project with vad_filter=True too, like faster-whisper's pipeline "
+                        "(then not gated: openai-whisper has no VAD)")
+    p.add_argument("--serving", action="store_true",
+                   help="instead of the table above: `runtime serve` at 1, 4 and 16 concurrent clients against "
+                        "sequential `runtime transcribe` (bench/serving.py; a 20 s clip of the audio per request)")
     return p.parse_args(argv)
 
 
@@ -126,6 +154,7 @@ def resolve_checkpoint(args) -> Path:
 
 def resolve_audio(args) -> Path:
     if args.audio is not None:
+        args.audio = Path(args.audio)
         if not args.audio.is_file():
             sys.exit(f"bench: audio {args.audio} not found")
         return args.audio.resolve()
@@ -230,7 +259,7 @@ def decode_options(impl: str, timestamps: bool, sample_len: int) -> dict:
     return opts
 
 
-def run_child(impl: Impl, mode: str, rep: int, args, audio: Path, out_dir: Path) -> dict:
+def run_child(impl: Impl, mode: str, rep: int, args, audio: Path, out_dir: Path, options: Optional[dict] = None) -> dict:
     timestamps = mode == "timestamps"
     tag = f"{mode}-{impl.name}-r{rep}"
     spec_path = out_dir / "runs" / f"{tag}.spec.json"
@@ -239,7 +268,8 @@ def run_child(impl: Impl, mode: str, rep: int, args, audio: Path, out_dir: Path)
     if result_path.exists():
         result_path.unlink()
     spec = {"impl": impl.name, "model": impl.model, "audio": str(audio), "threads": args.threads,
-            "options": decode_options("max" if impl.name.startswith("max") else impl.name, timestamps, args.sample_len),
+            "options": options if options is not None else
+            decode_options("max" if impl.name.startswith("max") else impl.name, timestamps, args.sample_len),
             "result_path": str(result_path), **impl.extra}
     spec_path.write_text(json.dumps(spec, indent=1))
     env = dict(os.environ)
@@ -390,42 +420,23 @@ def plot(results: dict, path: Path) -> Optional[str]:
     return None
 
 
-# --- main ------------------------------------------------------------------------------------
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.repeats < 1:
-        sys.exit("bench: --repeats must be at least 1")
-    out_dir = args.out_dir.resolve()
-    for sub in ("runs", "logs"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
-    unknown = set(wanted) - {"max", "openai", "faster-whisper"}
-    if unknown:
-        sys.exit(f"bench: unknown implementation(s) {', '.join(sorted(unknown))}")
-
-    # peers: openai-whisper from the peers' venv, else from this one
-    peers_python = args.peers_python or (str(PEERS_PYTHON) if PEERS_PYTHON.exists() else sys.executable)
-    peers = probe_python(peers_python)
-    openai_python = peers_python
-    if not peers.get("whisper"):
-        print(f"bench: {peers_python} has no openai-whisper; using {sys.executable}", flush=True)
-        openai_python = sys.executable
-    ct2 = args.ct2_model
-    if ct2 is None:
-        ct2 = str(PEERS_CT2) if (args.checkpoint is None and PEERS_CT2.is_dir()) else ""
-    if ct2 and not peers.get("faster_whisper"):
-        print(f"bench: {peers_python} has no faster-whisper; leaving it out", flush=True)
-        ct2 = ""
-
-    env = environment(args, peers if peers.get("whisper") else probe_python(sys.executable))
-    print(environment_line(env), flush=True)
-
+def run_random(args, env: dict, wanted: List[str], ct2: str, peers_python: str, openai_python: str, out_dir: Path):
+    """The random-weight, decode-heavy workload (and --serving, on the same checkpoint). Its audio: the
+    first of --audio (lecture, jfk or a path; long: the default), else lecture-en.flac or 154 s synthesized."""
+    first = (args.audio or "").split(",")[0].strip()
+    shared = {"lecture": SHARED_AUDIO, "jfk": SHARED_AUDIO.parent / "jfk.flac"}
+    args = argparse.Namespace(**{**vars(args), "audio": None if first in ("", "long") else
+                                 (str(shared[first]) if first in shared else first)})
     checkpoint = resolve_checkpoint(args)
     audio = resolve_audio(args)
     duration = audio_duration(audio)
     name = args.name or f"bench-{checkpoint.stem}"
     model_dir = build_artifacts(checkpoint, name, args.artifacts)
+    if args.serving:
+        from .serving import main as serving_main
+
+        serving_main(model_dir, audio, out_dir, args.threads, args.sample_len)
+        return None
 
     impls: List[Impl] = []
     if "max" in wanted:
@@ -443,7 +454,7 @@ def main(argv=None) -> None:
         import runtime
 
         if hasattr(runtime, "transcribe_batch"):
-            main_impls.append(Impl("max-batched", sys.executable, str(model_dir), {"batch_size": args.batch_size}))
+            main_impls.append(Impl("max-batched", sys.executable, str(model_dir), {"batch_size": args.batch_files}))
         else:
             batched_note = "runtime.transcribe_batch does not exist yet: --batched skipped"
             print(f"bench: {batched_note}", flush=True)
@@ -502,10 +513,72 @@ def main(argv=None) -> None:
           "first decoded token" + (" (est.: CTranslate2 has no per-token hook: its first generate's start plus one "
                                    "average token)" if any(i.name == "faster-whisper" for i in impls) else ""))
 
+    return results, any_invalid
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.repeats < 1:
+        sys.exit("bench: --repeats must be at least 1")
+    out_dir = args.out_dir.resolve()
+    for sub in ("runs", "logs"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
+    unknown = set(wanted) - {"max", "openai", "faster-whisper", "faster-whisper-int8"}
+    if unknown:
+        sys.exit(f"bench: unknown implementation(s) {', '.join(sorted(unknown))}")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(workloads) - {"api", "cli", "batch", "random"}
+    if unknown or not workloads:
+        sys.exit(f"bench: unknown workload(s) {', '.join(sorted(unknown)) or '(none given)'}")
+
+    # peers: openai-whisper from the peers' venv, else from this one
+    peers_python = args.peers_python or (str(PEERS_PYTHON) if PEERS_PYTHON.exists() else sys.executable)
+    peers = probe_python(peers_python)
+    openai_python = peers_python
+    if not peers.get("whisper"):
+        print(f"bench: {peers_python} has no openai-whisper; using {sys.executable}", flush=True)
+        openai_python = sys.executable
+    ct2 = args.ct2_model
+    if ct2 is None:
+        ct2 = str(PEERS_CT2) if (args.checkpoint is None and PEERS_CT2.is_dir()) else ""
+    if ct2 and not peers.get("faster_whisper"):
+        print(f"bench: {peers_python} has no faster-whisper; leaving it out", flush=True)
+        ct2 = ""
+
+    env = environment(args, peers if peers.get("whisper") else probe_python(sys.executable))
+    print(environment_line(env), flush=True)
+
+    results = {"environment": env}
+    any_invalid = False
+    if args.serving or "random" in workloads:
+        random = run_random(args, env, wanted, ct2, peers_python, openai_python, out_dir)
+        if random is None:  # --serving
+            return
+        results, any_invalid = random
+    real = [w for w in workloads if w != "random"]
+    if real:
+        from bench import real as real_bench
+
+        pythons = {"max": sys.executable, "openai": openai_python, "fw": peers_python}
+        real_wanted = [i for i in wanted if i in ("max", "openai") or (i.startswith("faster-whisper")
+                                                                      and peers.get("faster_whisper"))]
+        blocks = real_bench.run_real(args, real_wanted, pythons, out_dir, run_child, run_checked, venv_tool,
+                                     audio_duration, Impl)
+        results["real"] = blocks
+        any_invalid |= real_bench.any_invalid(blocks)
+        text = real_bench.markdown(blocks)
+        print("\n" + environment_line(env) + f"; {args.repeats} interleaved repetition(s)\n\n" + text)
+        (out_dir / "results.md").write_text(f"{environment_line(env)}; {args.repeats} interleaved repetition(s)\n\n"
+                                            f"{text}\n")
+        print(f"\nmarkdown: {out_dir / 'results.md'}")
+
     out_json = out_dir / "results.json"
     out_json.write_text(json.dumps(results, indent=1))
     png = out_dir / "bench.png"
-    problem = plot(results, png)
+    problem = plot(results, png) if "modes" in results else "no chart (the chart is the random workload's)"
     print(f"\nresults: {out_json}" + ("" if problem else f"\nchart:   {png}") + (f"\n{problem}" if problem else ""))
     if any_invalid:
         print("some implementation is INVALID: its tokens differ from openai-whisper's (see above)")

@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 
-from bench.stats import tokens_by_window
+from bench.stats import temperatures_by_window, tokens_by_window
 
 
 class Recorder:
@@ -156,23 +156,36 @@ def run_max(spec, rec):
         opts["batch_windows"] = 1  # one window at a time, as openai-whisper decodes
     eot = _max_eot(model)
     if spec["impl"] == "max-batched":
-        paths = [spec["audio"]] * spec.get("batch_size", 1)
+        # the random workload: batch_size copies of the audio (decoder batch: the default); the real
+        # workloads: spec["audios"], decode_batch_size chunks per decoder batch
+        paths = spec.get("audios") or [spec["audio"]] * spec.get("batch_size", 1)
+        if spec.get("decode_batch_size"):
+            opts["batch_size"] = spec["decode_batch_size"]
         t0 = time.perf_counter()
         results = runtime.transcribe_batch(model, paths, **opts)
         wall = time.perf_counter() - t0
         results = list(results)
-        tokens = [w for r in results for w in tokens_by_window(r["segments"], eot)]
-        text = results[0]["text"] if results else ""
-        n_audio = len(paths)
     else:
+        paths = spec.get("audios") or [spec["audio"]]
         t0 = time.perf_counter()
-        result = transcribe_fn(model, spec["audio"], **opts)
+        results = [transcribe_fn(model, path, **opts) for path in paths]  # one file after the other
         wall = time.perf_counter() - t0
-        tokens = tokens_by_window(result["segments"], eot)
-        text = result["text"]
-        n_audio = 1
-    return dict(wall_s=wall, load_s=load_s, tokens_by_window=tokens, text_head=text[:120],
-                eot=eot, n_audio=n_audio, versions=versions)
+    return dict(wall_s=wall, load_s=load_s, eot=eot, n_audio=len(paths), versions=versions,
+                **_transcripts(results, eot))
+
+
+def _transcripts(results, eot):
+    """Text token ids and temperatures by window, and the text, of one or more files' results in order.
+    Segments are dicts or objects with the same fields (faster-whisper's)."""
+    tokens, temps, texts = [], [], []
+    for r in results:
+        segs = [s if isinstance(s, dict) else {"seek": s.seek, "tokens": s.tokens, "temperature": s.temperature,
+                                               "text": s.text} for s in r["segments"]]
+        tokens += tokens_by_window(segs, eot)
+        temps += temperatures_by_window(segs)
+        texts.append(r["text"] if r.get("text") is not None else "".join(s["text"] for s in segs))
+    text = "\n".join(t.strip() for t in texts)
+    return dict(tokens_by_window=tokens, temperatures_by_window=temps, text=text, text_head=text[:120])
 
 
 def _max_eot(model):
@@ -222,13 +235,14 @@ def run_openai(spec, rec):
 
     opts = dict(spec["options"])
     opts.setdefault("fp16", False)
+    paths = spec.get("audios") or [spec["audio"]]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        result = model.transcribe(spec["audio"], **opts)
+        results = [model.transcribe(path, **opts) for path in paths]  # one file after the other
     wall = time.perf_counter() - t0
-    eot = get_tokenizer(model.is_multilingual, num_languages=model.num_languages).eot
-    return dict(wall_s=wall, load_s=load_s, tokens_by_window=tokens_by_window(result["segments"], eot),
-                text_head=result["text"][:120], eot=int(eot), n_audio=1, versions=versions)
+    eot = int(get_tokenizer(model.is_multilingual, num_languages=model.num_languages).eot)
+    return dict(wall_s=wall, load_s=load_s, eot=eot, n_audio=len(paths), versions=versions,
+                **_transcripts(results, eot))
 
 
 def run_faster_whisper(spec, rec):
@@ -276,17 +290,50 @@ def run_faster_whisper(spec, rec):
 
     opts = dict(spec["options"])
     opts.setdefault("beam_size", 1)
+    transcriber = model
+    if spec.get("fw_batched"):  # BatchedInferencePipeline: the chunks of one file, batch_size at a time
+        from faster_whisper import BatchedInferencePipeline
+
+        transcriber = BatchedInferencePipeline(model)
+        opts["batch_size"] = spec["decode_batch_size"]
+        orig_batch = BatchedInferencePipeline.generate_segment_batched
+
+        def generate_batch(self, features, tokenizer, options):
+            # one decoder batch: encoder (hooked above, a record of its own) + one generate for all rows
+            start = time.time()
+            t0 = time.perf_counter()
+            encoder_output, output = orig_batch(self, features, tokenizer, options)
+            dt = time.perf_counter() - t0
+            w = rec.windows[-1] if rec.windows and rec.windows[-1].get("outside_decode") else \
+                {"encode_s": 0.0, "n_encode": 0}
+            if w not in rec.windows:
+                rec.windows.append(w)
+            w.pop("outside_decode", None)
+            n = sum(len(o["tokens"]) for o in output)
+            longest = max((len(o["tokens"]) for o in output), default=0)
+            w.update(tokens=n, wall_s=dt, decode_s=dt - w["encode_s"])
+            if rec.first_token_time is None and longest:
+                rec.first_token_time = start + w["encode_s"] + (dt - w["encode_s"]) / longest
+                rec.first_token_estimated = True
+            rec.total_tokens += n
+            return encoder_output, output
+
+        BatchedInferencePipeline.generate_segment_batched = generate_batch
+    paths = spec.get("audios") or [spec["audio"]]
     t0 = time.perf_counter()
-    segments, info = model.transcribe(spec["audio"], **opts)
-    segments = list(segments)  # a generator: the decoding happens here
+    results = []
+    for path in paths:  # one file after the other
+        segments, info = transcriber.transcribe(path, **opts)
+        results.append({"segments": list(segments), "text": None})  # a generator: the decoding happens here
     wall = time.perf_counter() - t0
-    eot = model.hf_tokenizer.token_to_id("<|endoftext|>")
-    segs = [{"seek": s.seek, "tokens": s.tokens} for s in segments]
-    return dict(wall_s=wall, load_s=load_s, tokens_by_window=tokens_by_window(segs, eot),
-                text_head="".join(s.text for s in segments)[:120], eot=int(eot), n_audio=1, versions=versions)
+    eot = int(model.hf_tokenizer.token_to_id("<|endoftext|>"))
+    return dict(wall_s=wall, load_s=load_s, eot=eot, n_audio=len(paths), versions=versions,
+                **_transcripts(results, eot))
 
 
-IMPLS = {"max": run_max, "max-sequential": run_max, "max-batched": run_max, "openai": run_openai, "faster-whisper": run_faster_whisper}
+IMPLS = {"max": run_max, "max-sequential": run_max, "max-batched": run_max, "openai": run_openai,
+         "faster-whisper": run_faster_whisper, "faster-whisper-int8": run_faster_whisper,
+         "faster-whisper-batched": run_faster_whisper, "faster-whisper-int8-batched": run_faster_whisper}
 
 
 def _version(dist):

@@ -49,6 +49,26 @@ def tokens_by_window(segments: Sequence[Mapping], eot: int) -> List[List[int]]:
     return windows
 
 
+def temperatures_by_window(segments: Sequence[Mapping]) -> List[float]:
+    """The temperature each decoding window was decoded at (segments of one window share their `seek`;
+    0.0 where a segment has none)."""
+    temps: List[float] = []
+    last_seek = object()
+    for seg in segments:
+        if seg["seek"] != last_seek:
+            temps.append(float(seg.get("temperature") or 0.0))
+            last_seek = seg["seek"]
+    return temps
+
+
+def first_sampled_window(*temperatures: Sequence[float]) -> Optional[int]:
+    """The first window that any side decoded by sampling (temperature above 0), or None. From there on
+    token equality is not expected: openai-whisper samples with torch's generator."""
+    hits = [next((i for i, t in enumerate(ts) if t and t > 0), None) for ts in temperatures]
+    hits = [h for h in hits if h is not None]
+    return min(hits) if hits else None
+
+
 def find_divergence(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> Optional[dict]:
     """The first place where two transcriptions' tokens differ, or None if identical.
 

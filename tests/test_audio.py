@@ -311,3 +311,44 @@ def test_timeout_kills_ffmpeg(encoded):
     with pytest.raises(AudioError, match="did not finish") as excinfo:
         load_audio(path, timeout=1e-6)
     assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_load_audio_from_bytes_and_file_objects_equals_path(encoded, name):
+    """Bytes and file objects give the path's samples (an mp3 piped to ffmpeg would not: see load_audio)."""
+    import io
+
+    path = encoded[name]
+    from_path = load_audio(path)
+    data = path.read_bytes()
+    with open(path, "rb") as f:
+        from_file = load_audio(f)
+    for samples in (load_audio(data), load_audio(bytearray(data)), load_audio(io.BytesIO(data)), from_file):
+        np.testing.assert_array_equal(samples, from_path)
+
+
+@pytest.mark.parametrize("source", [b"", b"\x00\x01 definitely not audio " * 64], ids=["empty", "garbage"])
+def test_load_audio_bad_bytes_is_one_line(source):
+    import io
+
+    for given in (source, io.BytesIO(source)):
+        with pytest.raises(AudioError) as excinfo:
+            load_audio(given)
+        message = str(excinfo.value)
+        assert "\n" not in message and "runtime-audio-" not in message  # names no temporary file
+
+
+def test_log_mel_of_long_audio_equals_one_block_at_a_time(speech_samples):
+    """Blocks of frames are made from the samples alone (no padded copy of the audio): the frames that
+    straddle a block boundary and the reflected edges give what one padded signal gives."""
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    signal = np.resize(speech_samples, 160 * audio._BLOCK_FRAMES * 2 + 1234).astype(np.float32)
+    padded = np.concatenate([signal, np.zeros(audio.N_SAMPLES, np.float32)])
+    padded = np.pad(padded.astype(np.float64), audio.N_FFT // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, audio.N_FFT)[::audio.HOP_LENGTH][:-1]
+    power = np.abs(np.fft.rfft(frames * audio._hann_window(), axis=-1)) ** 2
+    expected = np.log10(np.maximum(filters.astype(np.float64) @ power.T, 1e-10)).astype(np.float32)
+    expected = (np.maximum(expected, expected.max() - np.float32(8.0)) + np.float32(4.0)) / np.float32(4.0)
+    ours = log_mel_spectrogram(signal, filters, padding=audio.N_SAMPLES)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-5)

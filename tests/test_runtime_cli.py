@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from audio_samples import synthesize_speech
@@ -168,3 +169,22 @@ def test_gpu_requested_without_gpu(tiny_model_dir, short_speech, tmp_path):
 def test_missing_model_folder(tmp_path, short_speech):
     result = transcribe_cli(tmp_path / "no-model", short_speech, tmp_path / "out", check=False)
     assert_one_line_error(result, "make convert")
+
+
+@pytest.mark.parametrize("where,needle", [("proc", "cannot be written"), ("file", "is a file"),
+                                          ("under-file", "is not a folder")])
+def test_unusable_output_dir_is_one_line_before_any_work(tiny_model_dir, short_speech, tmp_path, where, needle):
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("keep me")
+    out = {"proc": Path("/proc/nope"), "file": a_file, "under-file": a_file / "out"}[where]
+    result = transcribe_cli(tiny_model_dir, short_speech, out, check=False)
+    assert_one_line_error(result, "--output-dir", needle)
+    assert result.returncode == 1
+    assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file.txt"]
+
+
+def test_clip_that_ends_before_it_starts_is_refused(tiny_model_dir, short_speech, tmp_path):
+    result = transcribe_cli(tiny_model_dir, short_speech, tmp_path / "out", "--clip-timestamps", "5,2", check=False)
+    assert_one_line_error(result, "--clip-timestamps", "clip 1")
+    assert result.returncode == 1
+    assert_nothing_written(tmp_path / "out")

@@ -1,0 +1,390 @@
+"""Voice activity detection (runtime/vad.py): Silero VAD's speech chunks equal faster-whisper's, the
+timestamp map, and transcription with vad_filter through the runtime (sequential and batched)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from audio_samples import synthesize_speech
+from conftest import run_tool
+
+fw_vad = pytest.importorskip("faster_whisper.vad", reason="faster-whisper (dev extra) is the reference")
+
+from runtime import vad  # noqa: E402
+from runtime.audio import SAMPLE_RATE, load_audio  # noqa: E402
+
+SR = SAMPLE_RATE
+# quick decodes: the random-weight model never stops on its own before the token limit
+DECODE = dict(language="en", temperature=0.0, sample_len=16)
+
+PARAMETERS = [
+    {},
+    dict(min_silence_duration_ms=160, max_speech_duration_s=30),  # faster-whisper's batched defaults
+    dict(threshold=0.3, neg_threshold=0.1, speech_pad_ms=100, min_silence_duration_ms=300),
+    dict(max_speech_duration_s=2.0, min_silence_duration_ms=100, min_speech_duration_ms=250),
+    dict(threshold=0.8, speech_pad_ms=0, min_silence_duration_ms=0),
+]
+
+
+@pytest.fixture(scope="module")
+def spoken(work_dir) -> np.ndarray:
+    return load_audio(str(synthesize_speech(work_dir / "vad-speech.wav", n_sentences=2)))
+
+
+@pytest.fixture(scope="module")
+def layout(spoken):
+    """Speech with long silences, a tone and noise between, and where the speech is (seconds)."""
+    rng = np.random.default_rng(0)
+    silence = lambda seconds: np.zeros(int(seconds * SR), dtype=np.float32)  # noqa: E731
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(SR) / SR)).astype(np.float32)
+    noise = (0.05 * rng.standard_normal(SR)).astype(np.float32)
+    parts = [silence(3), spoken[:5 * SR], silence(4), tone, noise, silence(2), spoken[5 * SR:], silence(0.0771)]
+    audio = np.concatenate(parts)
+    first = (3.0, 8.0)
+    second_start = 8.0 + 4 + 1 + 1 + 2
+    return audio, [first, (second_start, second_start + len(spoken) / SR - 5)]
+
+
+@pytest.fixture(scope="module")
+def audio(layout) -> np.ndarray:
+    return layout[0]
+
+
+# --- speech chunks -----------------------------------------------------------------------------------
+
+
+def test_probabilities_equal_faster_whispers(audio):
+    """Same model, same windows, same float32 results; also across the 10000-window runs (> 320 s)."""
+    long = np.tile(audio, 16)
+    assert len(long) // vad.WINDOW_SAMPLES > vad.WINDOWS_PER_RUN
+    reference = fw_vad.get_vad_model()
+    for samples in (audio, long, audio[:512 * 40]):  # the last: a whole number of windows
+        ours = vad.load_vad_model()(samples)
+        theirs = reference(np.pad(samples, (0, 512 - len(samples) % 512)))
+        assert ours.dtype == theirs.dtype == np.float32
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("parameters", PARAMETERS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "defaults")
+def test_speech_timestamps_equal_faster_whispers(audio, parameters):
+    ours = vad.speech_timestamps(audio, vad.VadOptions.from_parameters(parameters))
+    theirs = fw_vad.get_speech_timestamps(audio, fw_vad.VadOptions(**parameters))
+    assert ours, "no speech found"
+    assert ours == theirs
+    assert all(type(c["start"]) is int and type(c["end"]) is int for c in ours)
+
+
+def test_speech_timestamps_equal_faster_whispers_on_long_audio(audio):
+    long = np.concatenate([audio] * 16)
+    parameters = dict(max_speech_duration_s=3.0, min_silence_duration_ms=50)
+    ours = vad.speech_timestamps(long, vad.VadOptions.from_parameters(parameters))
+    assert len(ours) > 32
+    assert ours == fw_vad.get_speech_timestamps(long, fw_vad.VadOptions(**parameters))
+
+
+def test_chunk_rules_equal_faster_whispers_on_random_probabilities(monkeypatch):
+    """The rules alone (thresholds, silences, the cut of long speech, padding) on scripted probabilities."""
+    rng = np.random.default_rng(1)
+    compared = 0
+    for trial in range(1500):
+        n = int(rng.integers(1, 300))
+        if trial % 2:
+            probabilities = rng.random(n).astype(np.float32)
+        else:  # runs of speech and silence, as real audio has
+            probabilities = np.repeat(rng.random(n // 8 + 1), 8)[:n].astype(np.float32)
+        n_samples = 512 * n - int(rng.integers(1, 513))
+        parameters = dict(threshold=float(rng.choice([0.5, 0.3, 0.7])),
+                          min_speech_duration_ms=int(rng.choice([0, 50, 250])),
+                          max_speech_duration_s=float(rng.choice([np.inf, 0.9, 1.5, 3.0])),
+                          min_silence_duration_ms=int(rng.choice([0, 100, 160, 2000])),
+                          speech_pad_ms=int(rng.choice([0, 30, 200, 400])))
+        if rng.random() < 0.3:
+            parameters["neg_threshold"] = float(rng.choice([0.1, 0.25]))
+        try:
+            options = vad.VadOptions.from_parameters(parameters)
+        except vad.VadError:  # e.g. max_speech_duration_s too short for the padding
+            continue
+        monkeypatch.setattr(fw_vad, "get_vad_model", lambda: (lambda padded: probabilities))
+        theirs = fw_vad.get_speech_timestamps(np.zeros(n_samples, np.float32), fw_vad.VadOptions(**parameters))
+        assert vad.speech_from_probabilities(probabilities, n_samples, options) == theirs, parameters
+        compared += 1
+    assert compared > 1000
+
+
+def test_speech_is_found_where_it_is(layout):
+    """The speech chunks cover the spoken parts and leave out the long silences, the tone and the noise."""
+    audio, spoken_parts = layout
+    chunks = vad.speech_timestamps(audio)
+    assert len(chunks) == 2
+    for chunk, (start, end) in zip(chunks, spoken_parts):
+        # within 0.4 s padding (plus a window) of the speech, and most of the speech inside
+        assert start - 0.45 <= chunk["start"] / SR and chunk["end"] / SR <= end + 0.45
+        assert chunk["end"] / SR - chunk["start"] / SR > 0.8 * (end - start)
+
+
+# --- chunk collection and the timestamp map ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_duration", [float("inf"), 30.0, 3.0])
+def test_collect_chunks_equals_faster_whispers(audio, max_duration):
+    chunks = vad.speech_timestamps(audio, vad.VadOptions(min_silence_duration_ms=160, max_speech_duration_s=30))
+    assert len(chunks) > 2
+    ours = vad.collect_chunks(audio, chunks, max_duration=max_duration)
+    audios, metadata = fw_vad.collect_chunks(audio, chunks, max_duration=max_duration)
+    # faster-whisper starts with an empty piece when the first chunk alone exceeds max_duration; not here
+    theirs = [(a, m) for a, m in zip(audios, metadata) if len(a)]
+    assert len(ours) == len(theirs)
+    for piece, (samples, meta) in zip(ours, theirs):
+        assert np.array_equal(piece.samples, samples)
+        assert (piece.offset, piece.duration) == (meta["offset"], meta["duration"])
+    assert [c for piece in ours for c in piece.chunks] == chunks
+    if max_duration == 3.0:
+        assert len(ours) > 1 and all(p.duration <= 3.0 or len(p.chunks) == 1 for p in ours)
+
+
+def test_no_speech_collects_one_empty_piece(audio):
+    (piece,) = vad.collect_chunks(audio, [])
+    assert len(piece.samples) == 0 and piece.offset == 0 and piece.duration == 0
+
+
+def test_timestamp_map():
+    # speech 1..3 s and 5..6 s of the audio: 2 s, then 1 s of joined speech
+    timeline = vad.SpeechTimestampsMap([{"start": SR, "end": 3 * SR}, {"start": 5 * SR, "end": 6 * SR}], SR)
+    assert timeline.get_original_time(0.0) == 1.0
+    assert timeline.get_original_time(1.5) == 2.5
+    assert timeline.get_original_time(2.0) == 5.0  # the second chunk's start...
+    assert timeline.get_original_time(2.0, is_end=True) == 3.0  # ...or, as an end, the first one's end
+    assert timeline.get_original_time(2.5) == 5.5
+    assert timeline.get_original_time(3.4) == 6.4  # past the last chunk: its offset still applies
+    assert timeline.get_original_time(1.2345) == 2.23  # rounded to 10 ms, as faster-whisper
+
+
+def test_timestamp_map_equals_faster_whispers(audio):
+    chunks = vad.speech_timestamps(audio, vad.VadOptions(min_silence_duration_ms=160, max_speech_duration_s=30))
+    ours, theirs = vad.SpeechTimestampsMap(chunks, SR), fw_vad.SpeechTimestampsMap(chunks, SR)
+    joined = sum(c["end"] - c["start"] for c in chunks) / SR
+    boundaries = list(np.cumsum([c["end"] - c["start"] for c in chunks]) / SR)
+    for time in [*np.arange(0, joined + 1, 0.01), *boundaries]:
+        for is_end in (False, True):
+            assert ours.get_original_time(float(time), is_end=is_end) == \
+                theirs.get_original_time(float(time), is_end=is_end), (time, is_end)
+
+
+def test_restore_segments_equals_faster_whispers():
+    from faster_whisper.transcribe import Segment, Word, restore_speech_timestamps
+
+    chunks = [{"start": 8000, "end": 40000}, {"start": 64000, "end": 80000}, {"start": 120000, "end": 136000}]
+    words = [[(0.1, 0.5), (0.6, 1.9), (1.95, 2.1)], [], [(2.2, 2.6), (2.9, 3.1)], None]
+    times = [(0.0, 2.1), (2.0, 2.0), (2.2, 3.1), (1.0, 3.0)]
+    ours, theirs = [], []
+    for i, ((start, end), word_times) in enumerate(zip(times, words)):
+        our_words = None if word_times is None else [dict(word=f" w{j}", start=s, end=e, probability=0.5)
+                                                     for j, (s, e) in enumerate(word_times)]
+        ours.append(dict(id=i, seek=0, start=start, end=end, text="", tokens=[], words=our_words))
+        theirs.append(Segment(id=i, seek=0, start=start, end=end, text="", tokens=[], avg_logprob=0.0,
+                              compression_ratio=1.0, no_speech_prob=0.0, temperature=0.0,
+                              words=None if our_words is None else [Word(**w) for w in our_words]))
+    restored = vad.restore_segments(ours, vad.SpeechTimestampsMap(chunks))
+    expected = list(restore_speech_timestamps(theirs, chunks, SR))
+    for segment, reference in zip(restored, expected, strict=True):
+        assert (segment["start"], segment["end"]) == (reference.start, reference.end)
+        assert [(w["start"], w["end"]) for w in segment["words"] or []] == \
+            [(w.start, w.end) for w in reference.words or []]
+    assert ours[0]["start"] == 0.0, "the given segments are left alone"
+
+
+# --- transcription -------------------------------------------------------------------------------------
+
+
+def _inside_speech(time: float, chunks: list[dict]) -> bool:
+    return any(c["start"] / SR - 0.01 <= time <= c["end"] / SR + 0.01 for c in chunks)
+
+
+def test_transcribe_with_vad_filter_is_the_speech_transcribed(tiny_runtime, audio):
+    """vad_filter=True decodes the joined speech (the same tokens as transcribing it directly) and puts
+    every time on the original audio's timeline, inside the speech."""
+    import runtime
+
+    parameters = dict(min_silence_duration_ms=500, speech_pad_ms=200)
+    filtered = runtime.transcribe(tiny_runtime, audio, vad_filter=True, vad_parameters=parameters,
+                                  word_timestamps=True, **DECODE)
+    speech, chunks = vad.speech_only(audio, parameters)
+    assert len(chunks) >= 2 and len(speech) < 0.75 * len(audio)
+    direct = runtime.transcribe(tiny_runtime, speech, word_timestamps=True, **DECODE)
+
+    assert filtered["segments"], "no segments"
+    assert [s["tokens"] for s in filtered["segments"]] == [s["tokens"] for s in direct["segments"]]
+    assert filtered["text"] == direct["text"]
+    assert filtered["segments"] == vad.restore_segments(direct["segments"], vad.SpeechTimestampsMap(chunks))
+    timed = [s for s in filtered["segments"] if s["words"]]
+    assert timed, "no segment with words"
+    # a word is placed by the chunk its middle falls in (its ends may reach past that chunk, as in
+    # faster-whisper): its middle lies in the speech
+    for word in (w for s in timed for w in s["words"]):
+        assert _inside_speech((word["start"] + word["end"]) / 2, chunks), (word, chunks)
+    # the times moved: some segment lies past the first silence that was cut out
+    assert max(s["end"] for s in timed) > chunks[1]["start"] / SR
+
+
+def test_transcribe_without_speech(tiny_runtime, layout):
+    import runtime
+
+    audio, spoken_parts = layout
+    no_speech = audio[int((spoken_parts[0][1] + 1) * SR):int((spoken_parts[1][0] - 0.5) * SR)]  # tone, noise
+    assert vad.speech_timestamps(no_speech) == []
+    result = runtime.transcribe(tiny_runtime, no_speech, vad_filter=True, **DECODE)
+    assert result == {"text": "", "segments": [], "language": "en"}
+    (batched,) = runtime.transcribe_batch(tiny_runtime, [no_speech], vad_filter=True,
+                                          condition_on_previous_text=False, **DECODE)
+    assert batched == {"text": "", "segments": [], "language": "en"}
+
+
+def test_batched_vad_decodes_the_speech_pieces(tiny_runtime, audio, speech_72s):
+    """transcribe_batch(vad_filter=True) batches the pieces of joined speech (at most 30 s each), not the
+    30 s grid: each input's segments are those of its pieces transcribed alone, mapped back."""
+    import runtime
+    from runtime.batched import BATCHED_VAD_DEFAULTS
+
+    inputs = [audio, load_audio(str(speech_72s))]
+    options = dict(condition_on_previous_text=False, **DECODE)
+    results = runtime.transcribe_batch(tiny_runtime, inputs, batch_size=4, vad_filter=True, **options)
+    n_pieces = 0
+    for samples, result in zip(inputs, results):
+        chunks = vad.speech_timestamps(samples, vad.VadOptions(**BATCHED_VAD_DEFAULTS))
+        pieces = vad.collect_chunks(samples, chunks, max_duration=30.0)
+        n_pieces += len(pieces)
+        assert all(p.duration <= 30.0 for p in pieces)
+        alone = runtime.transcribe_batch(tiny_runtime, [p.samples for p in pieces], vad_filter=False, **options)
+        expected = []
+        for piece, piece_result in zip(pieces, alone):
+            for segment in piece_result["segments"]:
+                expected.append(dict(segment, seek=int(piece.offset * 100), start=segment["start"] + piece.offset,
+                                     end=segment["end"] + piece.offset))
+        expected = vad.restore_segments(expected, vad.SpeechTimestampsMap(chunks))
+        assert result["segments"], "no segments"
+        assert [s["tokens"] for s in result["segments"]] == [s["tokens"] for s in expected]
+        assert [s["seek"] for s in result["segments"]] == [s["seek"] for s in expected]
+        # a piece's last segment may end at the piece's length: exact samples here, whole frames alone
+        for segment, reference in zip(result["segments"], expected):
+            assert segment["start"] == pytest.approx(reference["start"], abs=0.011)
+            assert segment["end"] == pytest.approx(reference["end"], abs=0.011)
+        first_of_piece = {s["seek"]: s for s in reversed(result["segments"])}
+        assert all(_inside_speech(s["start"], chunks) for s in first_of_piece.values())
+    assert n_pieces >= 4  # 72 s of speech is more than two windows
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parameters, words", [
+    (dict(threshold=1.5), "threshold"),
+    (dict(threshold="high"), "threshold"),
+    (dict(neg_threshold=0.6), "neg_threshold"),
+    (dict(min_silence_duration_ms=-1), "min_silence_duration_ms"),
+    (dict(speech_pad_ms=float("nan")), "speech_pad_ms"),
+    (dict(min_speech_duration_ms=True), "min_speech_duration_ms"),
+    (dict(max_speech_duration_s=0.5), "max_speech_duration_s"),
+    (dict(window_size_samples=1024), "window_size_samples"),
+])
+def test_bad_parameters_are_refused_in_one_line(parameters, words):
+    with pytest.raises(vad.VadError) as caught:
+        vad.VadOptions.from_parameters(parameters)
+    message = str(caught.value)
+    assert words in message and "\n" not in message
+
+
+def test_bad_options_fail_before_any_work(tiny_runtime, audio):
+    import runtime
+    from runtime.decoding import DecodingError
+
+    with pytest.raises(DecodingError, match="threshold"):
+        runtime.transcribe(tiny_runtime, audio, vad_filter=True, vad_parameters={"threshold": 2}, **DECODE)
+    with pytest.raises(DecodingError, match="clip_timestamps"):
+        runtime.transcribe(tiny_runtime, audio, vad_filter=True, clip_timestamps="1,2", **DECODE)
+    with pytest.raises(DecodingError, match="at most 30"):
+        runtime.transcribe_batch(tiny_runtime, [audio], vad_filter=True, vad_parameters={"max_speech_duration_s": 60},
+                                 condition_on_previous_text=False, **DECODE)
+
+
+@pytest.fixture(scope="module")
+def audio_file(work_dir, audio):
+    import wave
+
+    path = work_dir / "vad-layout.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SR)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--vad-filter", "--vad-threshold", "2"], "--vad-threshold"),
+    (["--vad-filter", "--vad-neg-threshold", "0.9"], "--vad-neg-threshold"),
+    (["--vad-speech-pad-ms", "100"], "--vad-speech-pad-ms requires --vad-filter"),
+    (["--vad-filter", "--clip-timestamps", "1,2"], "clip_timestamps"),
+    (["--vad-filter", "--batch-size", "2", "--condition-on-previous-text", "False",
+      "--vad-max-speech-duration-s", "45"], "--vad-max-speech-duration-s"),
+])
+def test_cli_refuses_bad_vad_options(tiny_model_dir, audio_file, tmp_path, flags, words):
+    out = tmp_path / "out"
+    result = run_tool("runtime", "transcribe", str(audio_file), "--model", str(tiny_model_dir), "-o", str(out),
+                      *flags, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_altered_model_is_refused(tmp_path, audio):
+    altered = tmp_path / "silero_vad_v6.onnx"
+    data = bytearray(vad.model_path().read_bytes())
+    data[len(data) // 2] ^= 1
+    altered.write_bytes(bytes(data))
+    with pytest.raises(vad.VadError, match="sha256") as caught:
+        vad.load_vad_model(altered)
+    assert vad.MODEL_SHA256 in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_cli_with_altered_model_fails_in_one_line(tiny_model_dir, audio_file, tmp_path):
+    altered = tmp_path / "silero_vad_v6.onnx"
+    altered.write_bytes(vad.model_path().read_bytes()[:-10])
+    out = tmp_path / "out"
+    env = dict(os.environ, **{vad.MODEL_ENV: str(altered)})
+    result = run_tool("runtime", "transcribe", str(audio_file), "--model", str(tiny_model_dir), "-o", str(out),
+                      "--vad-filter", "--language", "en", check=False, env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sha256" in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_missing_model_names_the_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.delenv(vad.MODEL_ENV, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(vad.VadError, match=r"pip install 'whisper-max\[vad\]'"):
+        vad.model_path()
+
+
+def test_vad_imports_no_torch_whisper_or_faster_whisper(audio_file):
+    """The VAD runs on onnxruntime alone; faster-whisper's package only supplies the model file."""
+    code = (
+        "import sys\n"
+        "from runtime.audio import load_audio\n"
+        "from runtime.vad import speech_only\n"
+        f"speech, chunks = speech_only(load_audio({str(audio_file)!r}))\n"
+        "assert chunks, chunks\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'whisper', 'faster_whisper', 'ctranslate2', 'av')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
