@@ -357,29 +357,20 @@ def summarize(runs: List[dict], duration: float) -> Dict[str, dict]:
     return out
 
 
-def fmt(s: Optional[dict], digits: int = 2, spread_too: bool = True) -> str:
-    if not s:
-        return "-"
-    m = f"{s['median']:.{digits}f}"
-    if spread_too and s["n"] > 1:
-        m += f" ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-    return m
-
-
 def table(summary: Dict[str, dict], gates: Dict[str, dict]) -> str:
     head = ["implementation", "gate", "wall s: median (min–max)", "audio s/s", "ms/token", "encoder ms/window",
             "peak RSS MB", "cold start s", "wall ÷ this project", "tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for impl, s in summary.items():
         g = gates.get(impl, {}).get("status", "unchecked")
-        ratio = "1.00 (ref)" if impl == MAX_IMPL and s["wall_s"] else fmt(s["wall_ratio_vs_max"])
-        cold = fmt(s["cold_start_s"]) + (" (est.)" if s["cold_start_estimated"] and s["cold_start_s"] else "")
+        ratio = "1.00 (ref)" if impl == MAX_IMPL and s["wall_s"] else stats.fmt(s["wall_ratio_vs_max"])
+        cold = stats.fmt(s["cold_start_s"]) + (" (est.)" if s["cold_start_estimated"] and s["cold_start_s"] else "")
         runs = f"{s['runs']} run" + ("s" if s["runs"] != 1 else "") + (f", {s['failed']} failed" if s["failed"] else "")
         tokens = "-" if s["tokens"] is None else f"{s['tokens']:.0f} in {s['windows']:.0f} windows"
         lines.append("| " + " | ".join([
-            f"{LABELS.get(impl, impl)} [{runs}]", g, fmt(s["wall_s"]), fmt(s["audio_s_per_s"], 1, False),
-            fmt(s["ms_per_token"], 1), fmt(s["encoder_ms_per_window"], 0), fmt(s["peak_rss_mb"], 0, False), cold,
-            ratio, tokens]) + " |")
+            f"{LABELS.get(impl, impl)} [{runs}]", g, stats.fmt(s["wall_s"]), stats.fmt(s["audio_s_per_s"], 1, False),
+            stats.fmt(s["ms_per_token"], 1), stats.fmt(s["encoder_ms_per_window"], 0),
+            stats.fmt(s["peak_rss_mb"], 0, False), cold, ratio, tokens]) + " |")
     return "\n".join(lines)
 
 

@@ -321,15 +321,6 @@ def summarize(runs: List[dict], duration: float) -> Dict[str, dict]:
     return out
 
 
-def _fmt(s: Optional[dict], digits: int = 2, spread_too: bool = True) -> str:
-    if not s:
-        return "-"
-    m = f"{s['median']:.{digits}f}"
-    if spread_too and s["n"] > 1:
-        m += f" ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-    return m
-
-
 def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -341,14 +332,14 @@ def table(summary: Dict[str, dict], gates: Dict[str, dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for impl, s in summary.items():
         runs = f"{s['runs']} run" + ("s" if s["runs"] != 1 else "") + (f", {s['failed']} failed" if s["failed"] else "")
-        ratio = "1.00 (ref)" if impl in EXACT and s["wall_s"] else _fmt(s["wall_ratio_vs_max"])
-        cold = _fmt(s["cold_start_s"]) + (" (est.)" if s["cold_start_estimated"] and s["cold_start_s"] else "")
+        ratio = "1.00 (ref)" if impl in EXACT and s["wall_s"] else stats.fmt(s["wall_ratio_vs_max"])
+        cold = stats.fmt(s["cold_start_s"]) + (" (est.)" if s["cold_start_estimated"] and s["cold_start_s"] else "")
         tokens = "-" if s["text_tokens"] is None else \
             f"{s['text_tokens']:.0f}, {s['windows']:.0f} ({s['sampled_windows'] or 0:.0f})"
         lines.append("| " + " | ".join([
-            f"{LABELS.get(impl, impl)} [{runs}]", gate_cell(gates.get(impl, {})), _fmt(s["wall_s"]),
-            _fmt(s["audio_s_per_s"], 1, False), ratio, _pct(s["wer"]), _pct(s["wer_vs_openai"]),
-            _fmt(s["peak_rss_mb"], 0, False), cold, tokens]) + " |")
+            f"{LABELS.get(impl, impl)} [{runs}]", gate_cell(gates.get(impl, {})), stats.fmt(s["wall_s"]),
+            stats.fmt(s["audio_s_per_s"], 1, False), ratio, _pct(s["wer"]), _pct(s["wer_vs_openai"]),
+            stats.fmt(s["peak_rss_mb"], 0, False), cold, tokens]) + " |")
     return "\n".join(lines)
 
 

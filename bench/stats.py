@@ -100,3 +100,13 @@ def per_token_ms(decode_s: Optional[float], n_tokens: Optional[int]) -> Optional
     if decode_s is None or not n_tokens:
         return None
     return 1000.0 * decode_s / n_tokens
+
+
+def fmt(s: Optional[dict], digits: int = 2, spread_too: bool = True) -> str:
+    """A spread() summary as a table cell: the median, and (min-max) when there was more than one run."""
+    if not s:
+        return "-"
+    m = f"{s['median']:.{digits}f}"
+    if spread_too and s["n"] > 1:
+        m += f" ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+    return m

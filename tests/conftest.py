@@ -42,6 +42,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def convert_and_compile(source: Path, name: str, artifacts: Path) -> Path:
+    """artifacts/<name> from a checkpoint file or folder: converted, validated and compiled for cpu."""
+    run_tool("converter", "convert", "--checkpoint", str(source), "--name", name, "--out-dir", str(artifacts))
+    run_tool("graph-builders", "compile", str(artifacts / name), "--device", "cpu")
+    return artifacts / name
+
+
 @pytest.fixture(scope="session")
 def work_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pipeline")
@@ -55,11 +62,7 @@ def tiny_checkpoint(work_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(work_dir, tiny_checkpoint) -> Path:
     """artifacts/<name> for the generated checkpoint: converted, validated and compiled for cpu."""
-    artifacts = work_dir / "artifacts"
-    run_tool("converter", "convert", "--checkpoint", str(tiny_checkpoint), "--name", "tiny-random",
-             "--out-dir", str(artifacts))
-    run_tool("graph-builders", "compile", str(artifacts / "tiny-random"), "--device", "cpu")
-    return artifacts / "tiny-random"
+    return convert_and_compile(tiny_checkpoint, "tiny-random", work_dir / "artifacts")
 
 
 @pytest.fixture(scope="session")
@@ -89,11 +92,8 @@ def real_tiny_en_dir(work_dir) -> Path:
     ~/.cache/whisper like openai-whisper's own; its graphs are the tiny.en-shaped tests' graphs."""
     from converter.registry import fetch
 
-    folder = fetch("tiny.en", Path.home() / ".cache" / "whisper")
-    artifacts = work_dir / "artifacts"
-    run_tool("converter", "convert", "--checkpoint", str(folder), "--name", "tiny.en-real", "--out-dir", str(artifacts))
-    run_tool("graph-builders", "compile", str(artifacts / "tiny.en-real"), "--device", "cpu")
-    return artifacts / "tiny.en-real"
+    return convert_and_compile(fetch("tiny.en", Path.home() / ".cache" / "whisper"), "tiny.en-real",
+                               work_dir / "artifacts")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import test_beam_parity as beam
 from audio_samples import speak, varied_speech
-from conftest import run_tool, torch_model_from_artifacts
+from conftest import convert_and_compile, torch_model_from_artifacts
 from test_real_models import record_temperatures
 from test_transcribe_parity import TIE_EPSILON, assert_same_segments, first_divergence, record_ours, record_reference
 
@@ -36,11 +36,7 @@ PASSAGES = {
 def real_base_dir(work_dir) -> Path:
     from converter.registry import fetch
 
-    folder = fetch("base", Path.home() / ".cache" / "whisper")
-    artifacts = work_dir / "artifacts"
-    run_tool("converter", "convert", "--checkpoint", str(folder), "--name", "base-real", "--out-dir", str(artifacts))
-    run_tool("graph-builders", "compile", str(artifacts / "base-real"), "--device", "cpu")
-    return artifacts / "base-real"
+    return convert_and_compile(fetch("base", Path.home() / ".cache" / "whisper"), "base-real", work_dir / "artifacts")
 
 
 @pytest.fixture(scope="module")
