@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..checkpoint import load_checkpoint
 from ..official import alignment_heads, official_name_for
-from . import Source, SourceFile
+from . import Source, SourceFile, check_tensors
 
 
 def read(path: Path) -> Source:
@@ -19,6 +19,7 @@ def read(path: Path) -> Source:
         # numpy has no bfloat16; its values are exact in float32, so a bf16 file keeps every value
         tensor = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
         tensors[name] = tensor.contiguous().numpy()
+    check_tensors(checkpoint.path, checkpoint.dims, tensors)
     official = official_name_for(checkpoint.sha256)
     return Source(path=checkpoint.path, format="openai", dims=checkpoint.dims, tensors=tensors,
                   files=[SourceFile(checkpoint.path.name, checkpoint.sha256, checkpoint.path.stat().st_size)],
