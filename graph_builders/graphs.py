@@ -5,13 +5,18 @@ Four graphs cover what the decoding loop needs:
 - `decoder_prefill`: the first decoder pass over a token prefix; computes every layer's
   cross-attention keys and values once, fills the self-attention cache, returns the logits of
   the positions asked for.
-- `decoder_step`: one token per row; reads the self-attention cache and appends to it.
+- `decoder_step`: one token per row; writes its position into the self-attention cache in place
+  and attends over the positions so far (the runtime owns the cache buffers). The
+  cross-attention keys and values come once per audio, with the audio row each token row attends
+  to (`kv_rows`): the beams of one audio share them, and a reorder across audios only changes the
+  map.
 - `decoder_alignment`: a whole token sequence in one pass, returning the logits and the
   cross-attention scores of chosen heads (word timestamps, runtime/timing.py).
 
-Caches stay in MAX buffers between calls: the runtime feeds a step's cache outputs to the next
-step without copying them to numpy. Attention keys are kept transposed ([batch, head, head_dim,
-ctx]) so a step multiplies by them without a transpose.
+Caches stay in MAX buffers between calls: the prefill returns its cache, the runtime copies it
+into buffers with room for the positions to come, and every step extends them in place (a graph
+that returned the grown cache would copy all of it every step). Attention keys are kept
+transposed ([batch, head, head_dim, ctx]) so a step multiplies by them without a transpose.
 
 Weights enter as graph weights named after the checkpoint tensors, bound at init from the
 safetensors. Each records how it is derived from its tensor (see WeightSpec): linear weights are
@@ -30,9 +35,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from max.dtype import DType
-from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
+from max.graph import BufferType, BufferValue, DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
-from .kernels import ATTENTION_HEAD_DIM, KERNELS_PATH, fp16_weight_matmul, single_query_attention
+from .kernels import (ATTENTION_HEAD_DIM, KERNELS_PATH, cached_query_attention, fp16_weight_matmul,
+                      grouped_query_attention, single_query_attention)
 
 LAYER_NORM_EPS = 1e-5
 
@@ -174,6 +180,16 @@ class WhisperGraphs:
             scores = ops.where(lower, scores, ops.constant(-1e30, DType.float32, device=q.device))
         return ops.softmax(scores) @ v
 
+    def _attend_audio_rows(self, q: TensorValue, k_t: TensorValue, v: TensorValue, kv_rows: TensorValue) -> TensorValue:
+        """_attend for one query per row where row b attends to the audio row kv_rows[b]:
+        q [b, h, 1, d], k_t [a, h, d, m], v [a, h, m, d], kv_rows int64 [b]."""
+        batch, n_head, _, head_dim = q.shape
+        if self.use_attention_kernel:
+            # Rows of one audio read its keys and values once between them (kernels/mojo/attention.mojo).
+            rows = grouped_query_attention(ops.reshape(q, [batch, n_head, head_dim]), k_t, v, kv_rows)
+            return ops.reshape(rows, [batch, n_head, 1, head_dim])
+        return self._attend(q, ops.gather(k_t, kv_rows, axis=0), ops.gather(v, kv_rows, axis=0))
+
     def _self_attention_qkv(self, w: WeightSet, x: TensorValue, prefix: str, n_state: int, n_head: int):
         q = self._split_heads(self._linear(w, x, f"{prefix}.query", n_state, n_state), n_head)
         k_t = self._split_heads(self._linear(w, x, f"{prefix}.key", n_state, n_state, bias=False), n_head, keys=True)
@@ -208,25 +224,56 @@ class WhisperGraphs:
         return BuiltGraph("encoder", graph, tuple(w.specs.values()))
 
     # -- decoder ---------------------------------------------------------------------------
-    def _decoder_layers(self, w: WeightSet, x: TensorValue, self_kv, cross_kv, causal: bool):
-        """Runs every decoder block. self_kv[i] is (k_t, v) to attend to, given the new
-        positions' (k_t, v) and returning the full cache; cross_kv[i] is (k_t, v) of the audio."""
+    def _decoder_layers(self, w: WeightSet, x: TensorValue, self_attention, cross_kv, kv_rows: TensorValue | None = None):
+        """Runs every decoder block. self_attention(i, prefix, h) returns layer i's attended values
+        [batch, n, state] (before the output projection) and the cache tensors it outputs;
+        cross_kv[i] is (k_t, v) of the audio: one row per row of x, or with kv_rows one per audio,
+        row b of x attending to kv_rows[b]."""
         d = self.dims
         n_state, n_head = d["n_text_state"], d["n_text_head"]
         new_cache = []
         for i in range(d["n_text_layer"]):
             prefix = f"decoder.blocks.{i}"
-            h = self._layer_norm(w, x, f"{prefix}.attn_ln", n_state)
-            q, k_t, v = self._self_attention_qkv(w, h, f"{prefix}.attn", n_state, n_head)
-            k_t, v = self_kv(i, k_t, v)
-            new_cache += [k_t, v]
-            x = x + self._linear(w, self._merge_heads(self._attend(q, k_t, v, causal)), f"{prefix}.attn.out", n_state, n_state)
+            attended, cache = self_attention(i, f"{prefix}.attn", self._layer_norm(w, x, f"{prefix}.attn_ln", n_state))
+            new_cache += cache
+            x = x + self._linear(w, attended, f"{prefix}.attn.out", n_state, n_state)
             h = self._layer_norm(w, x, f"{prefix}.cross_attn_ln", n_state)
             q = self._split_heads(self._linear(w, h, f"{prefix}.cross_attn.query", n_state, n_state), n_head)
             ck_t, cv = cross_kv[i]
-            x = x + self._linear(w, self._merge_heads(self._attend(q, ck_t, cv)), f"{prefix}.cross_attn.out", n_state, n_state)
+            attended = self._attend(q, ck_t, cv) if kv_rows is None else self._attend_audio_rows(q, ck_t, cv, kv_rows)
+            x = x + self._linear(w, self._merge_heads(attended), f"{prefix}.cross_attn.out", n_state, n_state)
             x = x + self._mlp(w, self._layer_norm(w, x, f"{prefix}.mlp_ln", n_state), prefix, n_state)
         return self._layer_norm(w, x, "decoder.ln", n_state), new_cache
+
+    def _cached_self_attention(self, w: WeightSet, h: TensorValue, prefix: str, k_cache: BufferValue,
+                               v_cache: BufferValue, position: TensorValue) -> TensorValue:
+        """A step's self-attention: the new position's key and value are written into the caches
+        in place (k_cache [batch, head, head_dim, capacity], v_cache [batch, head, capacity, head_dim])
+        at `position`, and the query attends over the positions up to it. Returns [batch, 1, state]."""
+        d = self.dims
+        n_state, n_head = d["n_text_state"], d["n_text_head"]
+        batch, head_dim = h.shape[0], n_state // n_head
+        if self.use_attention_kernel:
+            heads = [self._linear(w, h, f"{prefix}.query", n_state, n_state),
+                     self._linear(w, h, f"{prefix}.key", n_state, n_state, bias=False),
+                     self._linear(w, h, f"{prefix}.value", n_state, n_state)]
+            q, k, v = (ops.reshape(t, [batch, n_head, head_dim]) for t in heads)
+            return ops.reshape(cached_query_attention(k_cache, v_cache, q, k, v, position), [batch, 1, n_state])
+        # Stock ops (GPU; head widths the kernel does not take): the whole cache is read, the new
+        # position merged in and stored back, and the positions after it masked out.
+        q, k_t, v = self._self_attention_qkv(w, h, prefix, n_state, n_head)
+        keys, values = ops.buffer_load(k_cache), ops.buffer_load(v_cache)
+        capacity = keys.shape[3]
+        slots = ops.range(0, capacity, 1, out_dim=capacity, dtype=DType.int64, device=self.device)
+        here = ops.equal(slots, position)
+        keys = ops.where(here, k_t, keys)
+        values = ops.where(ops.reshape(here, [capacity, 1]), v, values)
+        ops.buffer_store(k_cache, keys)
+        ops.buffer_store(v_cache, values)
+        scores = (q @ keys) * (1.0 / math.sqrt(head_dim))
+        scores = ops.where(ops.greater_equal(position, slots), scores,
+                           ops.constant(-1e30, DType.float32, device=self.device))
+        return self._merge_heads(ops.softmax(scores) @ values)
 
     def _cross_kv(self, w: WeightSet, audio: TensorValue, prefix: str) -> tuple[TensorValue, TensorValue]:
         """One layer's cross-attention keys (transposed) and values of the audio features."""
@@ -269,44 +316,50 @@ class WhisperGraphs:
             cross = []
             for i in range(d["n_text_layer"]):
                 cross.append(self._cross_kv(w, audio, f"decoder.blocks.{i}.cross_attn"))
-            x, cache = self._decoder_layers(w, x, lambda i, k_t, v: (k_t, v), cross, causal=True)
+            def self_attention(i, prefix, h):
+                q, k_t, v = self._self_attention_qkv(w, h, prefix, d["n_text_state"], d["n_text_head"])
+                return self._merge_heads(self._attend(q, k_t, v, causal=True)), [k_t, v]
+
+            x, cache = self._decoder_layers(w, x, self_attention, cross)
             logits = self._logits(w, ops.gather(x, logit_positions, axis=1))
             graph.output(logits, *cache, *(t for pair in cross for t in pair))
         return BuiltGraph("decoder_prefill", graph, tuple(w.specs.values()))
 
     def decoder_step(self) -> BuiltGraph:
-        """Inputs: tokens int64 [batch, 1], position int64 [1], then per layer self k_t [batch, head,
-        head_dim, n] and self v [batch, head, n, head_dim], then per layer cross k_t and cross v.
-        Outputs: logits [batch, vocab], then the per-layer self caches grown by one position."""
+        """Inputs: tokens int64 [batch, 1], position int64 [1], kv_rows int64 [batch] (the audio row of
+        each token row), then per layer the self-attention caches k_t [batch, head, head_dim, capacity]
+        and v [batch, head, capacity, head_dim] as mutable buffers holding the positions before
+        `position` (the step writes `position` into them), then per layer cross k_t [n_audio, ...] and
+        cross v [n_audio, ...] (as the prefill of the n_audio audio rows returned them).
+        Outputs: logits [batch, vocab]."""
         d = self.dims
         n_state, n_head = d["n_text_state"], d["n_text_head"]
         head_dim = n_state // n_head
         n_layer = d["n_text_layer"]
         w = WeightSet(self.device)
-        k_type = TensorType(DType.float32, ["batch", n_head, head_dim, "n_past"], device=self.device)
-        v_type = TensorType(DType.float32, ["batch", n_head, "n_past", head_dim], device=self.device)
-        ck_type = TensorType(DType.float32, ["batch", n_head, head_dim, d["n_audio_ctx"]], device=self.device)
-        cv_type = TensorType(DType.float32, ["batch", n_head, d["n_audio_ctx"], head_dim], device=self.device)
+        k_type = BufferType(DType.float32, ["batch", n_head, head_dim, "capacity"], device=self.device)
+        v_type = BufferType(DType.float32, ["batch", n_head, "capacity", head_dim], device=self.device)
+        ck_type = TensorType(DType.float32, ["n_audio", n_head, head_dim, d["n_audio_ctx"]], device=self.device)
+        cv_type = TensorType(DType.float32, ["n_audio", n_head, d["n_audio_ctx"], head_dim], device=self.device)
         input_types = [
             TensorType(DType.int64, ["batch", 1], device=self.device),
             TensorType(DType.int64, [1], device=self.device),
+            TensorType(DType.int64, ["batch"], device=self.device),
             *([k_type, v_type] * n_layer),
             *([ck_type, cv_type] * n_layer),
         ]
         with self._graph("decoder_step", input_types) as graph:
-            values = [v.tensor for v in graph.inputs]
-            tokens, position = values[0], values[1]
-            past = values[2:2 + 2 * n_layer]
-            cross_flat = values[2 + 2 * n_layer:]
+            tokens, position, kv_rows = (v.tensor for v in graph.inputs[:3])
+            caches = [v.buffer for v in graph.inputs[3:3 + 2 * n_layer]]
+            cross_flat = [v.tensor for v in graph.inputs[3 + 2 * n_layer:]]
             cross = [(cross_flat[2 * i], cross_flat[2 * i + 1]) for i in range(n_layer)]
             x = self._embed(w, tokens, position)
 
-            def grow(i, k_t, v):
-                return ops.concat([past[2 * i], k_t], axis=3), ops.concat([past[2 * i + 1], v], axis=2)
+            def self_attention(i, prefix, h):
+                return self._cached_self_attention(w, h, prefix, caches[2 * i], caches[2 * i + 1], position), []
 
-            x, cache = self._decoder_layers(w, x, grow, cross, causal=False)
-            logits = ops.squeeze(self._logits(w, x), 1)
-            graph.output(logits, *cache)
+            x, _ = self._decoder_layers(w, x, self_attention, cross, kv_rows=kv_rows)
+            graph.output(ops.squeeze(self._logits(w, x), 1))
         return BuiltGraph("decoder_step", graph, tuple(w.specs.values()))
 
     # -- word alignment ----------------------------------------------------------------------

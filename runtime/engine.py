@@ -7,6 +7,7 @@ mismatch is an ArtifactError naming the command that rebuilds what is wrong.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -111,9 +112,6 @@ class WhisperModel:
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", threads: int | None = None,
                  verify_checksums: bool = True):
-        from max import driver
-        from max.engine import InferenceSession, read
-
         self.model_dir = Path(model_dir)
         fix_convert = FIX_CONVERT
         try:
@@ -149,14 +147,32 @@ class WhisperModel:
         if expected_bytes is not None and weights_path.stat().st_size != expected_bytes:
             raise ArtifactError(f"{weights_path} is {weights_path.stat().st_size} bytes, model.json records "
                                 f"{expected_bytes} (truncated or replaced); {fix_convert}")
-        if verify_checksums:
-            for path, expected in [(weights_path, model["weights"]["sha256"]),
-                                   *((target_dir / g["file"], g["sha256"]) for g in manifest["graphs"].values())]:
-                if not path.is_file():
-                    raise ArtifactError(f"{path} not found; {fix_compile}")
-                if sha256_file(path) != expected:
-                    fix = fix_convert if path == weights_path else fix_compile
-                    raise ArtifactError(f"{path} does not match the sha256 recorded for it (corrupt or replaced); {fix}")
+        # Cold start: the weights' checksum (the biggest file) is computed on a second thread while
+        # their transforms and the graphs' init run; the result is checked before this returns. The
+        # graphs' own files are checked before MAX reads them.
+        pool = ThreadPoolExecutor(max_workers=2)
+        try:
+            weights_sha256 = None
+            if verify_checksums:
+                for entry in manifest["graphs"].values():
+                    path = target_dir / entry["file"]
+                    if not path.is_file():
+                        raise ArtifactError(f"{path} not found; {fix_compile}")
+                    if sha256_file(path) != entry["sha256"]:
+                        raise ArtifactError(f"{path} does not match the sha256 recorded for it (corrupt or replaced); "
+                                            f"{fix_compile}")
+                weights_sha256 = pool.submit(sha256_file, weights_path)
+            self._load_graphs(manifest, target_dir, weights_path, threads, pool, fix_convert, fix_compile)
+            if weights_sha256 is not None and weights_sha256.result() != model["weights"]["sha256"]:
+                raise ArtifactError(f"{weights_path} does not match the sha256 recorded for it (corrupt or replaced); "
+                                    f"{fix_convert}")
+        finally:
+            pool.shutdown(wait=True)
+
+    def _load_graphs(self, manifest: dict, target_dir: Path, weights_path: Path, threads: int | None,
+                     pool: ThreadPoolExecutor, fix_convert: str, fix_compile: str) -> None:
+        from max import driver
+        from max.engine import InferenceSession, read
 
         limit_threads(threads)  # only when asked: it pins the whole process (see limit_threads)
         self._device = driver.CPU() if self.target.device == "cpu" else driver.Accelerator()
@@ -165,22 +181,24 @@ class WhisperModel:
         _cpu_device_made = True
         self.session = InferenceSession(devices=[self._device])
         tensors = self._load_tensors(weights_path, fix_convert)
-        bound: dict[str, object] = {}  # one array per weight name, shared by every graph that uses it
+
+        def graph_weight(spec: dict):
+            source = tensors.get(spec["source"])
+            if source is None:
+                raise ArtifactError(f"{weights_path} has no tensor {spec['source']!r}; {fix_convert}")
+            array = np.ascontiguousarray(_transform(source, spec["transform"]), dtype=spec["dtype"])
+            if list(array.shape) != list(spec["shape"]):
+                raise ArtifactError(f"tensor {spec['source']} has shape {list(array.shape)} after "
+                                    f"{spec['transform']}, the graph expects {spec['shape']}; {fix_compile}")
+            return self._to_device(array)
+
+        # one array per weight name, shared by every graph that uses it; transposes on both threads
+        specs = {spec["name"]: spec for name in GRAPHS for spec in manifest["graphs"][name]["weights"]}
+        bound = dict(zip(specs, pool.map(graph_weight, specs.values())))
         self.graphs = {}
         for name in GRAPHS:
             entry = manifest["graphs"][name]
-            registry = {}
-            for spec in entry["weights"]:
-                if spec["name"] not in bound:
-                    source = tensors.get(spec["source"])
-                    if source is None:
-                        raise ArtifactError(f"{weights_path} has no tensor {spec['source']!r}; {fix_convert}")
-                    array = np.ascontiguousarray(_transform(source, spec["transform"]), dtype=spec["dtype"])
-                    if list(array.shape) != list(spec["shape"]):
-                        raise ArtifactError(f"tensor {spec['source']} has shape {list(array.shape)} after "
-                                            f"{spec['transform']}, the graph expects {spec['shape']}; {fix_compile}")
-                    bound[spec["name"]] = self._to_device(array)
-                registry[spec["name"]] = bound[spec["name"]]
+            registry = {spec["name"]: bound[spec["name"]] for spec in entry["weights"]}
             try:
                 compiled = read(target_dir / entry["file"])
                 self.graphs[name] = self.session.init(compiled, weights_registry=registry)
@@ -233,10 +251,7 @@ class WhisperModel:
         return MaxAudioFeatures(features, mel.shape[0])
 
     def decoder(self, audio_features: MaxAudioFeatures, repeats: int = 1) -> "MaxDecoderSession":
-        features = audio_features.buffer
-        if repeats > 1:
-            features = self._to_device(np.repeat(self._to_host(features), repeats, axis=0))
-        return MaxDecoderSession(self, features, repeats)
+        return MaxDecoderSession(self, audio_features, repeats)
 
     def cross_attention_scores(self, audio_features: MaxAudioFeatures, tokens: np.ndarray,
                                heads: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -253,46 +268,113 @@ class WhisperModel:
 
 class MaxDecoderSession:
     """A decoding pass: the self-attention cache and the cross-attention keys and values stay in
-    MAX buffers from one call to the next."""
+    MAX buffers from one call to the next.
 
-    def __init__(self, model: WhisperModel, audio_features, repeats: int = 1):
+    The self-attention cache lives in buffers with room for more positions than it holds
+    (`capacity`); each step writes its position into them in place, and they are reallocated,
+    larger, only when full. On CPU they are numpy arrays MAX reads and writes directly, so a
+    reorder moves rows in place.
+
+    The cross-attention keys and values are computed once per audio row and never copied: each
+    token row attends to the audio row `kv_rows` names, so the `repeats` rows of one audio (beam
+    search's beams, best-of's samples) read one copy between them, and a reorder, even across
+    audios, only changes the map. When every row of an audio starts from the same tokens (beam
+    search and best-of always do) the prefill runs once per audio and its self-attention cache is
+    copied to the audio's rows.
+    """
+
+    # positions of room a cache gets past its prefill, and again each time it fills up
+    ROOM = 128
+
+    def __init__(self, model: WhisperModel, audio_features: MaxAudioFeatures, repeats: int = 1):
         self.model = model
         self.audio_features = audio_features
         self.repeats = repeats  # consecutive rows that serve one audio (beam search, best-of)
-        self.self_cache: list = []
+        self.kv_rows = np.repeat(np.arange(audio_features.batch_size, dtype=np.int64), repeats)
+        self._kv_rows_buffer = None
+        self.self_cache: list = []  # per layer k_t [rows, head, head_dim, capacity], v [rows, head, capacity, head_dim]
+        self._host_cache: list | None = None  # the same memory as numpy arrays, where MAX shares it (CPU)
+        self.capacity = 0  # positions the cache buffers have room for
         self.cross: list = []
         self.length = 0
 
     def prefill(self, tokens: np.ndarray, positions: Sequence[int]) -> np.ndarray:
         m = self.model
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        if tokens.shape[0] != len(self.kv_rows):
+            raise ValueError(f"{tokens.shape[0]} token rows for {len(self.kv_rows)} decoder rows")
+        n_audio, repeats = self.audio_features.batch_size, self.repeats
+        self.kv_rows = np.repeat(np.arange(n_audio, dtype=np.int64), repeats)
+        self._kv_rows_buffer = None
+        per_audio = tokens.reshape(n_audio, repeats, -1)
+        shared = repeats == 1 or bool((per_audio == per_audio[:, :1]).all())
+        features = self.audio_features.buffer
+        if shared:
+            tokens = np.ascontiguousarray(per_audio[:, 0])
+        else:  # rows of one audio start differently: one prefill row (and cross copy) per row
+            features = m._to_device(np.repeat(m._to_host(features), repeats, axis=0))
+            self.kv_rows = np.arange(len(self.kv_rows), dtype=np.int64)
         outputs = m.graphs["decoder_prefill"].execute(
-            m._to_device(tokens), m._to_device(np.asarray(positions, dtype=np.int64)), self.audio_features)
+            m._to_device(tokens), m._to_device(np.asarray(positions, dtype=np.int64)), features)
         n_cache = 2 * m.dims.n_text_layer
-        self.self_cache = list(outputs[1:1 + n_cache])
         self.cross = list(outputs[1 + n_cache:])
         self.length = tokens.shape[1]
-        return m._to_host(outputs[0])
+        cache = [m._to_host(b) for b in outputs[1:1 + n_cache]]
+        logits = m._to_host(outputs[0])
+        if shared and repeats > 1:
+            cache = [np.repeat(c, repeats, axis=0) for c in cache]
+            logits = np.repeat(logits, repeats, axis=0)
+        self._install(cache, min(m.dims.n_text_ctx, self.length + self.ROOM))
+        return logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         m = self.model
         tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))
-        outputs = m.graphs["decoder_step"].execute(
-            m._to_device(tokens), m._to_device(np.array([self.length], dtype=np.int64)), *self.self_cache, *self.cross)
-        self.self_cache = list(outputs[1:])
+        if self.length >= self.capacity:
+            if self.length >= m.dims.n_text_ctx:
+                raise ValueError(f"the decoder holds at most {m.dims.n_text_ctx} positions")
+            self._install(self._cache_arrays(), min(m.dims.n_text_ctx, self.capacity + self.ROOM))
+        if self._kv_rows_buffer is None:
+            self._kv_rows_buffer = m._to_device(self.kv_rows)
+        (logits,) = m.graphs["decoder_step"].execute(
+            m._to_device(tokens), m._to_device(np.array([self.length], dtype=np.int64)), self._kv_rows_buffer,
+            *self.self_cache, *self.cross)
         self.length += 1
-        return m._to_host(outputs[0])
+        return m._to_host(logits)
 
     def reorder(self, source_indices: Sequence[int]) -> None:
-        m = self.model
         index = np.asarray(source_indices, dtype=np.int64)
-        rows = np.arange(len(index))
-        if np.array_equal(index, rows):
+        if np.array_equal(index, np.arange(len(index))):
             return
-        self.self_cache = [m._to_device(np.take(m._to_host(b), index, axis=0)) for b in self.self_cache]
-        # The rows of one audio hold the same cross-attention keys and values, so a permutation
-        # within each group of `repeats` rows (beam search's always is) leaves them valid. They
-        # are the big buffers (n_audio_ctx positions per layer): copying them each step would
-        # cost more than the step itself.
-        if not np.array_equal(index // self.repeats, rows // self.repeats):
-            self.cross = [m._to_device(np.take(m._to_host(b), index, axis=0)) for b in self.cross]
+        cache, n = self._cache_arrays(), self.length
+        for k_t, v in zip(cache[0::2], cache[1::2]):
+            k_t[..., :n] = k_t[index, ..., :n]
+            v[:, :, :n] = v[index, :, :n]
+        if self._host_cache is None:  # the device's copy is separate: send the moved rows back
+            self._install(cache, self.capacity)
+        self.kv_rows = self.kv_rows[index]
+        self._kv_rows_buffer = None
+
+    # -- the self-attention cache ----------------------------------------------------------
+    def _cache_arrays(self) -> list:
+        """The cache as numpy arrays: the buffers' own memory on CPU, a copy from a GPU."""
+        if self._host_cache is not None:
+            return self._host_cache
+        return [self.model._to_host(b) for b in self.self_cache]
+
+    def _install(self, cache: list, capacity: int) -> None:
+        """Makes the step's cache buffers from `cache` (its first self.length positions), with room
+        for `capacity` positions. Zero beyond them: the stock-ops step reads every position."""
+        m, n = self.model, self.length
+        arrays = []
+        for k_t, v in zip(cache[0::2], cache[1::2]):
+            room_k = np.zeros(k_t.shape[:3] + (capacity,), dtype=np.float32)
+            room_k[..., :n] = k_t[..., :n]
+            room_v = np.zeros(v.shape[:2] + (capacity,) + v.shape[3:], dtype=np.float32)
+            room_v[:, :, :n] = v[:, :, :n]
+            arrays += [room_k, room_v]
+        self.self_cache = [m._to_device(a) for a in arrays]
+        self.capacity = capacity
+        shares = m.target.device == "cpu" and all(
+            np.shares_memory(a, b.to_numpy()) for a, b in zip(arrays, self.self_cache))
+        self._host_cache = arrays if shares else None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,9 +39,9 @@ def test_encoder_matches_torch(tiny_runtime, inputs, reference):
     assert np.abs(ours - reference[0]).max() < TOLERANCE
 
 
-def test_prefill_then_steps_match_torch(tiny_runtime, inputs, reference):
+def _prefill_then_steps_match_torch(model, inputs, reference):
     mel, tokens = inputs
-    session = tiny_runtime.decoder(tiny_runtime.encode(mel))
+    session = model.decoder(model.encode(mel))
     prefix = 4
     logits = session.prefill(tokens[:, :prefix], [0, prefix - 1])
     assert logits.shape == (2, 2, 51865)
@@ -47,6 +50,51 @@ def test_prefill_then_steps_match_torch(tiny_runtime, inputs, reference):
         step = session.step(tokens[:, position])
         assert step.shape == (2, 51865)
         assert np.abs(step - reference[1][:, position]).max() < TOLERANCE, f"position {position}"
+    return session
+
+
+def test_prefill_then_steps_match_torch(tiny_runtime, inputs, reference, monkeypatch):
+    from runtime.engine import MaxDecoderSession
+
+    # room for 2 positions past the prefill: the cache buffers fill up and are reallocated
+    monkeypatch.setattr(MaxDecoderSession, "ROOM", 2)
+    session = _prefill_then_steps_match_torch(tiny_runtime, inputs, reference)
+    assert session.capacity == 8 and session.length == 7
+
+
+# A GPU has no custom kernels: its step merges the new position into the cache with stock ops,
+# stores it back and masks the positions after it. No GPU here, so that graph is built for CPU.
+WITHOUT_ATTENTION_KERNELS = """
+import sys
+from pathlib import Path
+from graph_builders import graphs
+from graph_builders.compile import compile_model
+built = graphs.WhisperGraphs.__init__
+def without_attention_kernels(self, *args, **kwargs):
+    built(self, *args, **kwargs)
+    self.use_attention_kernel = False
+graphs.WhisperGraphs.__init__ = without_attention_kernels
+compile_model(Path(sys.argv[1]), "cpu", log=print)
+"""
+
+
+def test_step_with_stock_ops_matches_torch(tiny_model_dir, isolated_copy, inputs, reference, monkeypatch):
+    from runtime.engine import MaxDecoderSession, WhisperModel
+
+    model_dir = isolated_copy(tiny_model_dir)
+    shutil.rmtree(model_dir / "cpu")
+    subprocess.run([sys.executable, "-c", WITHOUT_ATTENTION_KERNELS, str(model_dir)], check=True)
+    step_signature = json.loads((model_dir / "cpu" / "manifest.json").read_text())["graphs"]["decoder_step"]["signature"]
+    assert step_signature != json.loads((tiny_model_dir / "cpu" / "manifest.json").read_text())["graphs"]["decoder_step"]["signature"]
+    monkeypatch.setattr(MaxDecoderSession, "ROOM", 2)
+    model = WhisperModel(model_dir)
+    _prefill_then_steps_match_torch(model, inputs, reference)
+
+    mel, tokens = inputs
+    session = model.decoder(model.encode(mel), repeats=2)
+    session.prefill(tokens[[0, 0, 1, 1], :5], [4])
+    session.reorder([2, 3, 0, 1])
+    assert np.abs(session.step(tokens[[1, 1, 0, 0], 5]) - reference[1][[1, 1, 0, 0], 5]).max() < TOLERANCE
 
 
 def test_repeats_and_reorder_follow_their_rows(tiny_runtime, inputs, reference):

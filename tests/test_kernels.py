@@ -21,7 +21,10 @@ def kernel_graphs():
     from max.engine import InferenceSession
     from max.graph import DeviceRef, Graph, TensorType, ops
 
-    from graph_builders.kernels import KERNELS_PATH, fp16_weight_matmul, single_query_attention
+    from max.graph import BufferType
+
+    from graph_builders.kernels import (KERNELS_PATH, cached_query_attention, fp16_weight_matmul,
+                                        grouped_query_attention, single_query_attention)
 
     session = InferenceSession(devices=[CPU()])
     cpu = DeviceRef.CPU()
@@ -36,7 +39,22 @@ def kernel_graphs():
         x, w = (v.tensor for v in graph.inputs)
         graph.output(fp16_weight_matmul(x, w), x @ ops.cast(w, DType.float32))
     matmul = session.load(graph)
-    return attention, matmul
+    grouped_inputs = [TensorType(DType.float32, ["rows", HEADS, HEAD_DIM], cpu),
+                      TensorType(DType.float32, ["groups", HEADS, HEAD_DIM, "positions"], cpu),
+                      TensorType(DType.float32, ["groups", HEADS, "positions", HEAD_DIM], cpu),
+                      TensorType(DType.int64, ["rows"], cpu)]
+    with Graph("grouped_attention_kernel", input_types=grouped_inputs, custom_extensions=[KERNELS_PATH]) as graph:
+        graph.output(grouped_query_attention(*(v.tensor for v in graph.inputs)))
+    grouped = session.load(graph)
+    cached_inputs = [BufferType(DType.float32, ["rows", HEADS, HEAD_DIM, "capacity"], cpu),
+                     BufferType(DType.float32, ["rows", HEADS, "capacity", HEAD_DIM], cpu),
+                     *[TensorType(DType.float32, ["rows", HEADS, HEAD_DIM], cpu)] * 3,
+                     TensorType(DType.int64, [1], cpu)]
+    with Graph("cached_attention_kernel", input_types=cached_inputs, custom_extensions=[KERNELS_PATH]) as graph:
+        k_cache, v_cache = (v.buffer for v in graph.inputs[:2])
+        graph.output(cached_query_attention(k_cache, v_cache, *(v.tensor for v in graph.inputs[2:])))
+    cached = session.load(graph)
+    return attention, matmul, grouped, cached
 
 
 def _reference_attention(q, k_t, v):
@@ -69,6 +87,76 @@ def test_single_query_attention_refuses_too_many_positions(kernel_graphs):
               np.zeros((rows, positions, HEAD_DIM), np.float32))
     with pytest.raises(Exception, match="too many positions"):
         kernel_graphs[0].execute(*(Buffer.from_numpy(a) for a in arrays))
+
+
+@pytest.mark.parametrize("kv_rows,positions", [
+    ([0, 0, 0, 0, 0], 1500),  # five beams of one audio
+    ([1, 0, 1, 0, 2], 37),  # rows of three audios, interleaved, after a reorder across audios
+    ([0] * 9 + [1] * 4, 17),  # more rows of one audio than one pass takes
+    ([2, 2], 1),  # an audio no row uses
+])
+def test_grouped_query_attention_equals_single_query_attention(kernel_graphs, kv_rows, positions):
+    """Rows that share keys and values read them once, and each row's result is bit for bit what
+    single_query_attention gives on its own copy of them."""
+    from max.driver import Buffer
+
+    rng = np.random.default_rng(len(kv_rows) * positions)
+    rows, groups = len(kv_rows), max(kv_rows) + 1
+    q = rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32)
+    k_t = rng.standard_normal((groups, HEADS, HEAD_DIM, positions)).astype(np.float32)
+    v = rng.standard_normal((groups, HEADS, positions, HEAD_DIM)).astype(np.float32)
+    index = np.asarray(kv_rows, dtype=np.int64)
+    (out,) = kernel_graphs[2].execute(*(Buffer.from_numpy(a) for a in (q, k_t, v, index)))
+    ours = out.to_numpy()
+    assert ours.shape == (rows, HEADS, HEAD_DIM)
+    single = (q.reshape(-1, HEAD_DIM), k_t[index].reshape(-1, HEAD_DIM, positions),
+              v[index].reshape(-1, positions, HEAD_DIM))
+    (alone,) = kernel_graphs[0].execute(*(Buffer.from_numpy(np.ascontiguousarray(a)) for a in single))
+    np.testing.assert_array_equal(ours.reshape(-1, HEAD_DIM), alone.to_numpy())
+    assert np.abs(ours.reshape(-1, HEAD_DIM) - _reference_attention(*single)).max() < TOLERANCE
+
+
+def test_grouped_query_attention_refuses_a_row_outside_the_audio(kernel_graphs):
+    from max.driver import Buffer
+
+    arrays = (np.zeros((2, HEADS, HEAD_DIM), np.float32), np.zeros((1, HEADS, HEAD_DIM, 4), np.float32),
+              np.zeros((1, HEADS, 4, HEAD_DIM), np.float32), np.array([0, 1], np.int64))
+    with pytest.raises(Exception, match="out of range"):
+        kernel_graphs[2].execute(*(Buffer.from_numpy(a) for a in arrays))
+
+
+@pytest.mark.parametrize("rows,capacity,filled", [(5, 448, 0), (5, 448, 299), (2, 20, 19), (7, 64, 33)])
+def test_cached_query_attention_extends_the_cache_in_place(kernel_graphs, rows, capacity, filled):
+    """The step writes its key and value at `filled` into the caller's buffers, leaves every other
+    position as it was, and returns bit for bit single_query_attention over the filled + 1 positions."""
+    from max.driver import Buffer
+
+    rng = np.random.default_rng(capacity + filled)
+    k_cache = rng.standard_normal((rows, HEADS, HEAD_DIM, capacity)).astype(np.float32)
+    v_cache = rng.standard_normal((rows, HEADS, capacity, HEAD_DIM)).astype(np.float32)
+    k_before, v_before = k_cache.copy(), v_cache.copy()
+    q, k, v = (rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32) for _ in range(3))
+    (out,) = kernel_graphs[3].execute(Buffer.from_numpy(k_cache), Buffer.from_numpy(v_cache),
+                                      *(Buffer.from_numpy(a) for a in (q, k, v)),
+                                      Buffer.from_numpy(np.array([filled], np.int64)))
+    expected_k, expected_v = k_before.copy(), v_before.copy()
+    expected_k[..., filled], expected_v[:, :, filled] = k, v
+    np.testing.assert_array_equal(k_cache, expected_k)
+    np.testing.assert_array_equal(v_cache, expected_v)
+    n = filled + 1
+    single = (q.reshape(-1, HEAD_DIM), np.ascontiguousarray(expected_k[..., :n]).reshape(-1, HEAD_DIM, n),
+              np.ascontiguousarray(expected_v[:, :, :n]).reshape(-1, n, HEAD_DIM))
+    (alone,) = kernel_graphs[0].execute(*(Buffer.from_numpy(a) for a in single))
+    np.testing.assert_array_equal(out.to_numpy().reshape(-1, HEAD_DIM), alone.to_numpy())
+
+
+def test_cached_query_attention_refuses_a_position_past_the_cache(kernel_graphs):
+    from max.driver import Buffer
+
+    arrays = (np.zeros((1, HEADS, HEAD_DIM, 4), np.float32), np.zeros((1, HEADS, 4, HEAD_DIM), np.float32),
+              *[np.zeros((1, HEADS, HEAD_DIM), np.float32)] * 3, np.array([4], np.int64))
+    with pytest.raises(Exception, match="position outside the cache"):
+        kernel_graphs[3].execute(*(Buffer.from_numpy(a) for a in arrays))
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 384, 51865), (6, 384, 1536), (11, 1536, 384), (3, 64, 37)])

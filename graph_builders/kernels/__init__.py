@@ -22,16 +22,18 @@ import subprocess
 from pathlib import Path
 
 from max.dtype import DType
-from max.graph import DeviceRef, TensorType, TensorValue, ops
+from max.graph import BufferValue, DeviceRef, TensorType, TensorValue, ops
 
 KERNELS_DIR = Path(__file__).resolve().parent
 KERNELS_PATH = KERNELS_DIR / "mojo"
 OP_NAME = "fp16_weight_matmul"
 ATTENTION_OP_NAME = "single_query_attention"
+GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
+CACHED_ATTENTION_OP_NAME = "cached_query_attention"
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
-__all__ = ["ATTENTION_HEAD_DIM", "KERNELS_PATH", "OP_NAME", "build_mojoc", "fp16_weight_matmul",
-           "single_query_attention"]
+__all__ = ["ATTENTION_HEAD_DIM", "KERNELS_PATH", "OP_NAME", "build_mojoc", "cached_query_attention",
+           "fp16_weight_matmul", "grouped_query_attention", "single_query_attention"]
 
 
 def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
@@ -70,6 +72,42 @@ def single_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue) -> 
         raise TypeError("single_query_attention computes in float32")
     out_type = TensorType(DType.float32, [q.shape[0], ATTENTION_HEAD_DIM], device=DeviceRef.CPU())
     return ops.custom(ATTENTION_OP_NAME, device=DeviceRef.CPU(), values=[q, k_t, v], out_types=[out_type])[0].tensor
+
+
+def grouped_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue, kv_rows: TensorValue) -> TensorValue:
+    """single_query_attention where rows share keys and values: q [B, H, 64], k_t [G, H, 64, M],
+    v [G, H, M, 64], kv_rows int64 [B] (row b attends to k_t[kv_rows[b]], v[kv_rows[b]]) -> [B, H, 64].
+
+    Rows with the same kv row read its keys and values once between them (the beams of one audio in
+    a decoder step's cross-attention); each row's result is bit-identical to single_query_attention's
+    on its own keys and values. float32; CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
+    """
+    q, k_t, v, kv_rows = TensorValue(q), TensorValue(k_t), TensorValue(v), TensorValue(kv_rows)
+    if q.rank != 3 or k_t.rank != 4 or v.rank != 4 or kv_rows.rank != 1:
+        raise ValueError(f"expected q [B, H, 64], k_t [G, H, 64, M], v [G, H, M, 64], kv_rows [B], got "
+                         f"{q.shape}, {k_t.shape}, {v.shape}, {kv_rows.shape}")
+    if any(t.dtype != DType.float32 for t in (q, k_t, v)) or kv_rows.dtype != DType.int64:
+        raise TypeError("grouped_query_attention computes in float32 and takes int64 kv_rows")
+    out_type = TensorType(DType.float32, [q.shape[0], q.shape[1], ATTENTION_HEAD_DIM], device=DeviceRef.CPU())
+    return ops.custom(GROUPED_ATTENTION_OP_NAME, device=DeviceRef.CPU(), values=[q, k_t, v, kv_rows],
+                      out_types=[out_type])[0].tensor
+
+
+def cached_query_attention(k_cache: BufferValue, v_cache: BufferValue, q: TensorValue, k: TensorValue,
+                           v: TensorValue, position: TensorValue) -> TensorValue:
+    """A decoder step's self-attention over a cache it extends in place: writes k [B, H, 64] into
+    k_cache [B, H, 64, C] and v [B, H, 64] into v_cache [B, H, C, 64] at `position` (int64 [1], < C),
+    then returns single_query_attention's result over the positions up to it -> [B, H, 64].
+
+    float32; CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
+    """
+    q, k, v, position = TensorValue(q), TensorValue(k), TensorValue(v), TensorValue(position)
+    if q.rank != 3 or k.rank != 3 or v.rank != 3 or k_cache.rank != 4 or v_cache.rank != 4:
+        raise ValueError(f"expected q, k, v [B, H, 64] and caches [B, H, 64, C], [B, H, C, 64], got "
+                         f"{q.shape}, {k.shape}, {v.shape}, {k_cache.shape}, {v_cache.shape}")
+    out_type = TensorType(DType.float32, [q.shape[0], q.shape[1], ATTENTION_HEAD_DIM], device=DeviceRef.CPU())
+    return ops.inplace_custom(CACHED_ATTENTION_OP_NAME, device=DeviceRef.CPU(),
+                              values=[k_cache, v_cache, q, k, v, position], out_types=[out_type])[0].tensor
 
 
 def build_mojoc(out: str | Path) -> Path:

@@ -18,6 +18,7 @@ from max.algorithm import sync_parallelize
 from max.runtime.asyncrt import parallelism_level
 from max.gpu.host import DeviceContext
 from extensibility import InputTensor, OutputTensor, register
+from extensibility.managed_tensor_slice import _MutableInputTensor as MutableInputTensor
 
 comptime W16 = 16  # fp32 lanes per zmm
 comptime HEAD_DIM = 64  # every Whisper model's head width
@@ -35,23 +36,26 @@ def _attend_row(
     r: Int,
     M: Int,
     scale: Float32,
+    capacity: Int,
 ):
+    # Row r's keys are k_t[r, :, :M] and its values v[r, :M, :] in rows of `capacity` positions
+    # (= M for tensors that hold exactly M; larger for a cache filled up to M).
     var scores = Array[SIMD[DType.float32, W16], NVS](fill=0)
     var nv = M // W16  # full vectors; the tail (M % 16) is scalar
     var q0 = r * HEAD_DIM
-    var k0 = r * HEAD_DIM * M
-    var v0 = r * M * HEAD_DIM
+    var k0 = r * HEAD_DIM * capacity
+    var v0 = r * capacity * HEAD_DIM
 
     # pass 1: scores = q @ k_t, summing over d in order (as a matmul's k loop does)
     for d in range(HEAD_DIM):
         var qd = SIMD[DType.float32, W16](qp[unsafe_offset=q0 + d])
-        var row = k0 + d * M
+        var row = k0 + d * capacity
         for j in range(nv):
             scores[j] = kp.unsafe_load[width=W16](row + j * W16).fma(qd, scores[j])
     var tail = Array[Float32, W16](fill=0)
     for d in range(HEAD_DIM):
         var qd = qp[unsafe_offset=q0 + d]
-        var row = k0 + d * M
+        var row = k0 + d * capacity
         for m in range(nv * W16, M):
             tail[m - nv * W16] = kp[unsafe_offset=row + m].fma(qd, tail[m - nv * W16])
 
@@ -131,6 +135,246 @@ struct SingleQueryAttention:
         def work(tid: Int) raises {var}:
             var r1 = min((tid + 1) * rows_per, R)
             for r in range(tid * rows_per, r1):
-                _attend_row(qp, kp, vp, op, r, M, scale)
+                _attend_row(qp, kp, vp, op, r, M, scale, M)
+
+        sync_parallelize(work, nthreads)
+
+
+# Grouped single-query attention: rows that attend to the same keys and values read them once.
+#
+#   out[b, h, :] = softmax(scale * q[b, h, :] @ k_t[kv_rows[b], h, :, :]) @ v[kv_rows[b], h, :, :]
+#   q [B, H, 64], k_t [G, H, 64, M], v [G, H, M, 64], kv_rows [B] (int64, each in [0, G)), out [B, H, 64]
+#
+# A decoder step's cross-attention: the beams (or best-of samples) of one audio all attend to that
+# audio's keys and values, 18 MB of them per row for tiny and 37 MB for base, so reading them once
+# per row made every extra beam cost as much as the weights of the whole step. Here each (audio,
+# head) pair is one task: it finds the rows that map to its audio and runs them in groups of up to
+# GROUP_MAX, each key and value vector loaded once for the group and used by every row's FMA. Each
+# row's arithmetic is exactly _attend_row's (same operations in the same order), so a row's result
+# does not depend on which rows it shares its reads with.
+comptime GROUP_MAX = 6  # rows per pass: 6 x 4 zmm accumulators + 4 for v stay in registers
+
+
+@always_inline
+def _attend_group[
+    NR: Int
+](
+    qp: Pointer[Float32, MutAnyOrigin],
+    kp: Pointer[Float32, MutAnyOrigin],
+    vp: Pointer[Float32, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    q_rows: Array[Int, GROUP_MAX],
+    kv: Int,
+    M: Int,
+    scale: Float32,
+):
+    var scores = Array[SIMD[DType.float32, W16], NR * NVS](fill=0)
+    var tail = Array[Float32, NR * W16](fill=0)
+    var nv = M // W16
+    var k0 = kv * HEAD_DIM * M
+    var v0 = kv * M * HEAD_DIM
+
+    # pass 1: scores = q @ k_t, summing over d in order; one load of k for every row
+    for d in range(HEAD_DIM):
+        var qd = Array[SIMD[DType.float32, W16], NR](fill=0)
+        comptime for i in range(NR):
+            qd[i] = SIMD[DType.float32, W16](qp[unsafe_offset=q_rows[i] * HEAD_DIM + d])
+        var row = k0 + d * M
+        for j in range(nv):
+            var k = kp.unsafe_load[width=W16](row + j * W16)
+            comptime for i in range(NR):
+                scores[i * NVS + j] = k.fma(qd[i], scores[i * NVS + j])
+    for d in range(HEAD_DIM):
+        var row = k0 + d * M
+        for m in range(nv * W16, M):
+            var k = kp[unsafe_offset=row + m]
+            comptime for i in range(NR):
+                var qd = qp[unsafe_offset=q_rows[i] * HEAD_DIM + d]
+                tail[i * W16 + m - nv * W16] = k.fma(qd, tail[i * W16 + m - nv * W16])
+
+    # pass 2: softmax over each row's scaled scores (as _attend_row)
+    comptime for i in range(NR):
+        var s0 = i * NVS
+        var t0 = i * W16
+        var vmax = SIMD[DType.float32, W16](-3.0e38)
+        for j in range(nv):
+            scores[s0 + j] = scores[s0 + j] * scale
+            vmax = max(vmax, scores[s0 + j])
+        var smax = vmax.reduce_max()
+        for m in range(M - nv * W16):
+            tail[t0 + m] = tail[t0 + m] * scale
+            smax = max(smax, tail[t0 + m])
+        var vsum = SIMD[DType.float32, W16](0)
+        for j in range(nv):
+            scores[s0 + j] = exp(scores[s0 + j] - smax)
+            vsum += scores[s0 + j]
+        var total = vsum.reduce_add()
+        for m in range(M - nv * W16):
+            tail[t0 + m] = exp(tail[t0 + m] - smax)
+            total += tail[t0 + m]
+        var inv = 1.0 / total
+        for j in range(nv):
+            scores[s0 + j] = scores[s0 + j] * inv
+        for m in range(M - nv * W16):
+            tail[t0 + m] = tail[t0 + m] * inv
+
+    # pass 3: out = p @ v, positions in order; one load of each v vector for every row
+    var acc = Array[SIMD[DType.float32, W16], NR * NVD](fill=0)
+    for j in range(nv):
+        comptime for lane in range(W16):
+            var row = v0 + (j * W16 + lane) * HEAD_DIM
+            var vv = Array[SIMD[DType.float32, W16], NVD](fill=0)
+            comptime for c in range(NVD):
+                vv[c] = vp.unsafe_load[width=W16](row + c * W16)
+            comptime for i in range(NR):
+                var pm = SIMD[DType.float32, W16](scores[i * NVS + j][lane])
+                comptime for c in range(NVD):
+                    acc[i * NVD + c] = vv[c].fma(pm, acc[i * NVD + c])
+    for m in range(nv * W16, M):
+        var row = v0 + m * HEAD_DIM
+        comptime for i in range(NR):
+            var pm = SIMD[DType.float32, W16](tail[i * W16 + m - nv * W16])
+            comptime for c in range(NVD):
+                acc[i * NVD + c] = vp.unsafe_load[width=W16](row + c * W16).fma(pm, acc[i * NVD + c])
+    comptime for i in range(NR):
+        comptime for c in range(NVD):
+            op.unsafe_store(q_rows[i] * HEAD_DIM + c * W16, acc[i * NVD + c])
+
+
+@register("grouped_query_attention")
+struct GroupedQueryAttention:
+    """Computes out[b, h] = softmax(scale * q[b, h] @ k_t[kv_rows[b], h]) @ v[kv_rows[b], h] (f32)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype=DType.float32, rank=3, ...],
+        q: InputTensor[dtype=DType.float32, rank=3, ...],
+        k_t: InputTensor[dtype=DType.float32, rank=4, ...],
+        v: InputTensor[dtype=DType.float32, rank=4, ...],
+        kv_rows: InputTensor[dtype=DType.int64, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("grouped_query_attention: only the CPU target is implemented")
+        var B = q.dim_size(0)
+        var H = q.dim_size(1)
+        var G = k_t.dim_size(0)
+        var M = k_t.dim_size(3)
+        if q.dim_size(2) != HEAD_DIM or k_t.dim_size(2) != HEAD_DIM or v.dim_size(3) != HEAD_DIM:
+            raise Error("grouped_query_attention: head dim must be 64")
+        if k_t.dim_size(1) != H or v.dim_size(0) != G or v.dim_size(1) != H or v.dim_size(2) != M:
+            raise Error("grouped_query_attention: shape mismatch")
+        if kv_rows.dim_size(0) != B:
+            raise Error("grouped_query_attention: kv_rows must have one entry per row")
+        if M > MAX_POSITIONS or M < 1:
+            raise Error("grouped_query_attention: too many positions")
+        var rp = kv_rows.unsafe_ptr()
+        for b in range(B):
+            var kv_row = Int(rp[unsafe_offset=b])
+            if kv_row < 0 or kv_row >= G:
+                raise Error("grouped_query_attention: kv_rows out of range")
+        var scale = Float32(0.125)  # 1 / sqrt(64)
+        var qp = q.unsafe_ptr()
+        var kp = k_t.unsafe_ptr()
+        var vp = v.unsafe_ptr()
+        var op = output.unsafe_ptr()
+        var tasks = G * H
+        var nthreads = max(1, min(parallelism_level(None), tasks))
+        var tasks_per = ceildiv(tasks, nthreads)
+
+        def work(tid: Int) raises {var}:
+            for t in range(tid * tasks_per, min((tid + 1) * tasks_per, tasks)):
+                var g = t // H
+                var h = t % H
+                var q_rows = Array[Int, GROUP_MAX](fill=0)
+                var n = 0
+                for b in range(B + 1):
+                    if b < B and Int(rp[unsafe_offset=b]) == g:
+                        q_rows[n] = b * H + h
+                        n += 1
+                    if n == GROUP_MAX or (b == B and n > 0):
+                        var kv = g * H + h
+                        if n == 6:
+                            _attend_group[6](qp, kp, vp, op, q_rows, kv, M, scale)
+                        elif n == 5:
+                            _attend_group[5](qp, kp, vp, op, q_rows, kv, M, scale)
+                        elif n == 4:
+                            _attend_group[4](qp, kp, vp, op, q_rows, kv, M, scale)
+                        elif n == 3:
+                            _attend_group[3](qp, kp, vp, op, q_rows, kv, M, scale)
+                        elif n == 2:
+                            _attend_group[2](qp, kp, vp, op, q_rows, kv, M, scale)
+                        else:
+                            _attend_group[1](qp, kp, vp, op, q_rows, kv, M, scale)
+                        n = 0
+
+        sync_parallelize(work, nthreads)
+
+
+# Self-attention of a decoder step over a cache updated in place.
+#
+#   k_cache[b, h, :, p] = k[b, h, :]; v_cache[b, h, p, :] = v[b, h, :]   (p = position[0])
+#   out[b, h, :] = softmax(scale * q[b, h, :] @ k_cache[b, h, :, :p + 1]) @ v_cache[b, h, :p + 1, :]
+#   q, k, v [B, H, 64]; k_cache [B, H, 64, C] (keys transposed), v_cache [B, H, C, 64]; p < C
+#
+# Returning the grown cache from the graph (a concat per layer) copied the whole cache every step
+# into freshly allocated memory: at 300 positions and 5 beams that copy cost more than the rest of
+# tiny's step. Here the new position is written into the caller's buffers and only the positions
+# up to it are read, with _attend_row's arithmetic, so the result equals attention over a cache
+# that holds exactly p + 1 positions.
+@register("cached_query_attention")
+struct CachedQueryAttention:
+    """Appends one position to each row's cache in place and attends over the filled positions."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype=DType.float32, rank=3, ...],
+        k_cache: MutableInputTensor[dtype=DType.float32, rank=4, ...],
+        v_cache: MutableInputTensor[dtype=DType.float32, rank=4, ...],
+        q: InputTensor[dtype=DType.float32, rank=3, ...],
+        k: InputTensor[dtype=DType.float32, rank=3, ...],
+        v: InputTensor[dtype=DType.float32, rank=3, ...],
+        position: InputTensor[dtype=DType.int64, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("cached_query_attention: only the CPU target is implemented")
+        var B = q.dim_size(0)
+        var H = q.dim_size(1)
+        var C = k_cache.dim_size(3)
+        if q.dim_size(2) != HEAD_DIM or k_cache.dim_size(2) != HEAD_DIM or v_cache.dim_size(3) != HEAD_DIM:
+            raise Error("cached_query_attention: head dim must be 64")
+        if (k_cache.dim_size(0) != B or k_cache.dim_size(1) != H or v_cache.dim_size(0) != B
+                or v_cache.dim_size(1) != H or v_cache.dim_size(2) != C):
+            raise Error("cached_query_attention: cache shape mismatch")
+        if k.dim_size(0) != B or k.dim_size(1) != H or v.dim_size(0) != B or v.dim_size(1) != H:
+            raise Error("cached_query_attention: shape mismatch")
+        var p = Int(position.unsafe_ptr()[unsafe_offset=0])
+        if p < 0 or p >= C or p >= MAX_POSITIONS:
+            raise Error("cached_query_attention: position outside the cache")
+        var scale = Float32(0.125)  # 1 / sqrt(64)
+        var qp = q.unsafe_ptr()
+        var knp = k.unsafe_ptr()
+        var vnp = v.unsafe_ptr()
+        var kp = k_cache.unsafe_ptr()
+        var vp = v_cache.unsafe_ptr()
+        var op = output.unsafe_ptr()
+        var R = B * H
+        var nthreads = max(1, min(parallelism_level(None), R))
+        var rows_per = ceildiv(R, nthreads)
+
+        def work(tid: Int) raises {var}:
+            var r1 = min((tid + 1) * rows_per, R)
+            for r in range(tid * rows_per, r1):
+                for d in range(HEAD_DIM):
+                    kp.unsafe_store(r * HEAD_DIM * C + d * C + p, knp[unsafe_offset=r * HEAD_DIM + d])
+                comptime for c in range(NVD):
+                    vp.unsafe_store(r * C * HEAD_DIM + p * HEAD_DIM + c * W16,
+                                    vnp.unsafe_load[width=W16](r * HEAD_DIM + c * W16))
+                _attend_row(qp, kp, vp, op, r, p + 1, scale, C)
 
         sync_parallelize(work, nthreads)
