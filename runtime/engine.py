@@ -347,9 +347,10 @@ class MaxDecoderSession:
         if np.array_equal(index, np.arange(len(index))):
             return
         cache, n = self._cache_arrays(), self.length
+        moved = np.flatnonzero(index != np.arange(len(index)))  # rows that continue another row
         for k_t, v in zip(cache[0::2], cache[1::2]):
-            k_t[..., :n] = k_t[index, ..., :n]
-            v[:, :, :n] = v[index, :, :n]
+            k_t[moved, ..., :n] = k_t[index[moved], ..., :n]
+            v[moved, :, :n] = v[index[moved], :, :n]
         if self._host_cache is None:  # the device's copy is separate: send the moved rows back
             self._install(cache, self.capacity)
         self.kv_rows = self.kv_rows[index]
