@@ -30,10 +30,12 @@ from runtime.audio import (
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
+    SpooledLogMel,
     load_audio,
     load_mel_filters,
     log_mel_spectrogram,
     pad_or_trim,
+    stream_audio,
 )
 from runtime.decoding import (
     DecodingError,
@@ -257,20 +259,28 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
     language_probs = None
     if isinstance(mel_filters, (str, os.PathLike)):
         mel_filters = load_mel_filters(mel_filters, model.dims.n_mels)
-    if not isinstance(audio, np.ndarray) and (isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview))
-                                              or hasattr(audio, "read")):
-        audio = load_audio(audio)
+    # Audio decoded here (a path, bytes, a file object) is never held whole: stream_audio's blocks of
+    # samples become the log-mel as ffmpeg decodes them, and the log-mel goes to a temporary file
+    # (SpooledLogMel; each window read back is the one-piece log_mel_spectrogram's, bit for bit).
+    # Samples given in memory keep the one-piece log_mel_spectrogram: the caller holds twice that anyway.
+    decoded_here = not isinstance(audio, np.ndarray) and (
+        isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(audio, "read"))
     # vad_filter (faster-whisper's): decode the speech alone, joined; segments are mapped back to the
     # audio's timeline as they are printed and yielded (all the loop's own times stay the speech's)
     speech_timeline = None
     audio_duration = None  # with VAD: the whole audio's, which the speech alone is shorter than
+    # the log-mel has 30 s of silence after the audio (padding), so every window can be sliced whole
     if options.vad_filter:
+        if decoded_here:
+            audio = load_audio(audio)  # the VAD scores the whole audio before any speech is cut out of it
         audio_duration = len(audio) / SAMPLE_RATE
         audio, speech_chunks = speech_only(np.asarray(audio, dtype=np.float32), options.vad_parameters)
         speech_timeline = SpeechTimestampsMap(speech_chunks) if speech_chunks else None
-
-    # 30 s of silence after the audio, so every window can be sliced whole
-    mel = log_mel_spectrogram(np.asarray(audio, dtype=np.float32), mel_filters, padding=N_SAMPLES)
+        mel = SpooledLogMel([audio], mel_filters, padding=N_SAMPLES)
+    elif decoded_here:
+        mel = SpooledLogMel(stream_audio(audio), mel_filters, padding=N_SAMPLES)
+    else:
+        mel = log_mel_spectrogram(np.asarray(audio, dtype=np.float32), mel_filters, padding=N_SAMPLES)
     del audio  # the samples are not needed any more: a long transcription holds only its log-mel
     content_frames = mel.shape[-1] - N_FRAMES
     content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
@@ -281,7 +291,7 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
         else:
             if verbose:
                 print("Detecting language using up to the first 30 seconds. Use `--language` to specify the language")
-            mel_segment = pad_or_trim(mel, N_FRAMES)
+            mel_segment = pad_or_trim(mel[:, :N_FRAMES], N_FRAMES)
             _, probs = detect_language(model, mel_segment, tokenizer_path=tokenizer_path)
             decode_options["language"] = max(probs, key=probs.get)
             language_probs = probs

@@ -477,7 +477,7 @@ class _Job:
 
     def run(self, upload) -> None:
         from runtime.api import start_transcription
-        from runtime.audio import AudioError, load_audio
+        from runtime.audio import AudioError
         from runtime.decoding import DecodingError
         from runtime.options import OptionsError
         from runtime.scheduler import Cancelled, ScheduledModel
@@ -487,16 +487,15 @@ class _Job:
         try:
             if self.cancel.is_set():
                 raise Cancelled()
+            model = ScheduledModel(self.server.scheduler, self.cancel)
             try:
-                samples = load_audio(upload)
+                # the upload (spooled to disk) is decoded block by block into the log-mel, which is kept
+                # on disk past a few minutes (runtime.longform): a long upload is never in memory whole
+                transcription = start_transcription(model, upload, self.parsed.options, decode_fn=model.decode)
             except AudioError as exc:
                 message = str(exc).split(": ", 1)[-1]
                 raise RequestError(400, f"the file is not audio this server can decode: {message}",
                                    param="file") from None
-            model = ScheduledModel(self.server.scheduler, self.cancel)
-            try:
-                transcription = start_transcription(model, samples, self.parsed.options, decode_fn=model.decode)
-                del samples  # the transcription holds the log-mel; the samples can go
             except OptionsError as exc:
                 raise RequestError(400, str(exc), param=exc.param) from None
             except (DecodingError, TokenizerError) as exc:  # e.g. a language the model does not know

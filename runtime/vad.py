@@ -175,19 +175,27 @@ class SileroVad:
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise VadError(f"VAD takes mono audio (one dimension), got shape {audio.shape}")
-        windows = np.pad(audio, (0, WINDOW_SAMPLES - len(audio) % WINDOW_SAMPLES)).reshape(-1, WINDOW_SAMPLES)
-        # faster-whisper zeroes the last 64 samples of the final window (its context array is a view
-        # of the windows); done here too, so the final window scores the same
-        windows[-1, -CONTEXT_SAMPLES:] = 0
-        context = np.zeros((len(windows), CONTEXT_SAMPLES), dtype=np.float32)
-        context[1:] = windows[:-1, -CONTEXT_SAMPLES:]
-        inputs = np.concatenate([context, windows], axis=1)
+        n_windows = len(audio) // WINDOW_SAMPLES + 1  # the audio padded with zeros to whole windows
         # the model runs its LSTM over the rows in order; h and c carry it across calls
         h = np.zeros((1, 1, 128), dtype=np.float32)
         c = np.zeros((1, 1, 128), dtype=np.float32)
         probabilities = []
-        for first in range(0, len(inputs), WINDOWS_PER_RUN):
-            scores, h, c = self.session.run(None, {"input": inputs[first:first + WINDOWS_PER_RUN], "h": h, "c": c})
+        for first in range(0, n_windows, WINDOWS_PER_RUN):
+            last = min(first + WINDOWS_PER_RUN, n_windows)
+            # Each row is a window with the 64 samples before it (zeros before the audio and after it).
+            # One run's rows are made at a time, from the samples they cover: an hour of audio never has
+            # a padded copy, nor one of its rows, beside it.
+            lo = first * WINDOW_SAMPLES - CONTEXT_SAMPLES  # the first sample the run reads
+            stretch = np.zeros((last - first) * WINDOW_SAMPLES + CONTEXT_SAMPLES, dtype=np.float32)
+            samples = audio[max(lo, 0): last * WINDOW_SAMPLES]
+            stretch[max(lo, 0) - lo: max(lo, 0) - lo + len(samples)] = samples
+            if last == n_windows:
+                # faster-whisper zeroes the last 64 samples of the final window (its context array is a
+                # view of the windows); done here too, so the final window scores the same
+                stretch[-CONTEXT_SAMPLES:] = 0
+            rows = np.lib.stride_tricks.sliding_window_view(stretch, CONTEXT_SAMPLES + WINDOW_SAMPLES)
+            inputs = np.ascontiguousarray(rows[::WINDOW_SAMPLES])
+            scores, h, c = self.session.run(None, {"input": inputs, "h": h, "c": c})
             probabilities.append(scores)
         return np.concatenate(probabilities).reshape(-1)
 

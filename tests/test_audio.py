@@ -97,6 +97,17 @@ def test_load_audio_other_rate_equals_whisper(encoded):
     assert abs(ours.size - load_audio(path).size / 2) <= 2
 
 
+def _streamed(source, **kwargs):
+    """stream_audio's blocks joined; small reads, so a file comes in many blocks."""
+    return np.concatenate(list(audio.stream_audio(source, block_bytes=kwargs.pop("block_bytes", 4096), **kwargs)))
+
+
+@pytest.fixture(params=["load_audio", "stream_audio"])
+def loader(request):
+    """load_audio, or stream_audio's blocks joined: the same samples and the same errors."""
+    return load_audio if request.param == "load_audio" else _streamed
+
+
 def _assert_one_line_audio_error(excinfo, path):
     message = str(excinfo.value)
     assert "\n" not in message and "\r" not in message
@@ -104,32 +115,32 @@ def _assert_one_line_audio_error(excinfo, path):
     return message
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(loader, tmp_path):
     path = tmp_path / "does_not_exist.wav"
     with pytest.raises(AudioError) as excinfo:
-        load_audio(path)
+        loader(path)
     assert "not found" in _assert_one_line_audio_error(excinfo, path)
 
 
-def test_directory(tmp_path):
+def test_directory(loader, tmp_path):
     with pytest.raises(AudioError) as excinfo:
-        load_audio(tmp_path)
+        loader(tmp_path)
     assert "directory" in _assert_one_line_audio_error(excinfo, tmp_path)
 
 
-def test_fifo_is_refused_not_hung(tmp_path):
+def test_fifo_is_refused_not_hung(loader, tmp_path):
     path = tmp_path / "pipe.wav"
     os.mkfifo(path)  # ffmpeg would wait forever for a writer
     with pytest.raises(AudioError) as excinfo:
-        load_audio(path)
+        loader(path)
     assert "not a regular file" in _assert_one_line_audio_error(excinfo, path)
 
 
-def test_random_bytes(tmp_path):
+def test_random_bytes(loader, tmp_path):
     path = tmp_path / "noise.mp3"
     path.write_bytes(np.random.default_rng(1234).bytes(20000))
     with pytest.raises(AudioError) as excinfo:
-        load_audio(path)
+        loader(path)
     message = _assert_one_line_audio_error(excinfo, path)
     assert "ffmpeg cannot decode" in message
     # ffmpeg's own last stderr line is passed on
@@ -139,27 +150,27 @@ def test_random_bytes(tmp_path):
     assert message.endswith(last_line)
 
 
-def test_empty_file(tmp_path):
+def test_empty_file(loader, tmp_path):
     path = tmp_path / "empty.wav"
     path.write_bytes(b"")
     with pytest.raises(AudioError) as excinfo:
-        load_audio(path)
+        loader(path)
     assert "empty" in _assert_one_line_audio_error(excinfo, path)
 
 
-def test_zero_sample_container(tmp_path, speech_wav):
+def test_zero_sample_container(loader, tmp_path, speech_wav):
     path = convert_audio(speech_wav, tmp_path / "zero.wav", ["-t", "0"])
     assert path.stat().st_size > 0  # a valid WAV header, no samples
     assert whisper_audio.load_audio(str(path)).size == 0  # whisper returns an empty array here
     with pytest.raises(AudioError) as excinfo:
-        load_audio(path)
+        loader(path)
     assert "0 samples" in _assert_one_line_audio_error(excinfo, path)
 
 
-def test_ffmpeg_not_installed(tmp_path, monkeypatch, speech_wav):
+def test_ffmpeg_not_installed(loader, tmp_path, monkeypatch, speech_wav):
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without ffmpeg
     with pytest.raises(AudioError) as excinfo:
-        load_audio(speech_wav)
+        loader(speech_wav)
     assert "apt-get install ffmpeg" in _assert_one_line_audio_error(excinfo, speech_wav)
 
 
@@ -167,9 +178,9 @@ def test_audio_error_is_value_error():
     assert issubclass(AudioError, ValueError)
 
 
-def test_bad_sample_rate(speech_wav):
+def test_bad_sample_rate(loader, speech_wav):
     with pytest.raises(ValueError, match="sample rate"):
-        load_audio(speech_wav, sr=0)
+        loader(speech_wav, sr=0)
 
 
 # --- mel filters -------------------------------------------------------------------------------
@@ -306,10 +317,10 @@ def test_runtime_audio_does_not_import_torch_or_whisper():
     assert "import torch" not in source and "import whisper" not in source and "from whisper" not in source
 
 
-def test_timeout_kills_ffmpeg(encoded):
+def test_timeout_kills_ffmpeg(loader, encoded):
     path = encoded["mp3"]
     with pytest.raises(AudioError, match="did not finish") as excinfo:
-        load_audio(path, timeout=1e-6)
+        loader(path, timeout=1e-6)
     assert "\n" not in str(excinfo.value)
 
 
@@ -328,12 +339,12 @@ def test_load_audio_from_bytes_and_file_objects_equals_path(encoded, name):
 
 
 @pytest.mark.parametrize("source", [b"", b"\x00\x01 definitely not audio " * 64], ids=["empty", "garbage"])
-def test_load_audio_bad_bytes_is_one_line(source):
+def test_load_audio_bad_bytes_is_one_line(loader, source):
     import io
 
     for given in (source, io.BytesIO(source)):
         with pytest.raises(AudioError) as excinfo:
-            load_audio(given)
+            loader(given)
         message = str(excinfo.value)
         assert "\n" not in message and "runtime-audio-" not in message  # names no temporary file
 
@@ -352,3 +363,127 @@ def test_log_mel_of_long_audio_equals_one_block_at_a_time(speech_samples):
     ours = log_mel_spectrogram(signal, filters, padding=audio.N_SAMPLES)
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+# --- streamed audio and log-Mel (long inputs) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_stream_audio_equals_load_audio(encoded, name):
+    """stream_audio's blocks, joined, are load_audio's samples, from a path, bytes or a file object."""
+    import io
+
+    path = encoded[name]
+    expected = load_audio(path)
+    for block_bytes in (4096, 1 << 20):
+        blocks = list(audio.stream_audio(path, block_bytes=block_bytes))
+        assert all(b.dtype == np.float32 and b.ndim == 1 for b in blocks)
+        assert len(blocks) == -(-2 * len(expected) // block_bytes)  # whole reads, then the rest
+        np.testing.assert_array_equal(np.concatenate(blocks), expected)
+    data = path.read_bytes()
+    for source in (data, io.BytesIO(data)):
+        np.testing.assert_array_equal(np.concatenate(list(audio.stream_audio(source))), expected)
+
+
+def _children() -> set:
+    """Process ids whose parent is this process."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.add(int(entry))
+    return found
+
+
+def test_stream_audio_stopped_early_leaves_no_ffmpeg(encoded):
+    before = _children()
+    blocks = audio.stream_audio(encoded["flac_44k_stereo"], block_bytes=4096)
+    next(blocks)
+    assert _children() - before, "ffmpeg should be running while blocks are read"
+    blocks.close()
+    assert _children() - before == set()
+
+
+def _chunked(samples: np.ndarray, rng) -> list:
+    cuts = np.cumsum(rng.integers(1, 3 * 160 * audio._BLOCK_FRAMES, 64))
+    return np.split(samples, cuts[cuts < len(samples)])
+
+
+@pytest.mark.parametrize("padding", [0, audio.N_SAMPLES])
+def test_spooled_log_mel_equals_log_mel_spectrogram(speech_samples, padding):
+    """Computed from chunks as they come and read back a slice at a time, in memory or from its file: the
+    bytes of the one-piece log_mel_spectrogram, for lengths around the block edges and chunks of any size."""
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    block = 160 * audio._BLOCK_FRAMES
+    rng = np.random.default_rng(5)
+    signal = np.resize(speech_samples, 2 * block + 5000).astype(np.float32)
+    for n in (201, 399, 4000, block - 41, block - 40, block - 39, block, block + 1, block + 361, 2 * block + 5000):
+        if n + padding <= audio.N_FFT // 2:
+            continue
+        samples = signal[:n]
+        expected = log_mel_spectrogram(samples, filters, padding=padding)
+        for memory_limit in (0, 1 << 30):
+            with audio.SpooledLogMel(_chunked(samples, rng), filters, padding=padding,
+                                     memory_limit=memory_limit) as mel:
+                assert mel.shape == expected.shape
+                assert mel.in_memory == (memory_limit > 0)
+                whole = mel[:, :]
+                assert whole.dtype == np.float32 and whole.flags.c_contiguous
+                assert whole.tobytes() == expected.tobytes(), (n, memory_limit)
+                frames = expected.shape[1]
+                for start in (0, 1, frames // 2, max(frames - 3000, 0), frames - 1):
+                    assert mel[:, start:start + 3000].tobytes() == expected[:, start:start + 3000].tobytes()
+                assert mel[:, frames:].shape == (80, 0)
+
+
+def test_log_mel_blocks_equal_one_fft_per_block(speech_samples):
+    """The FFT goes a few hundred frames at a time inside a block: the values are those of one FFT of the
+    block's frames at once (this module's computation before), bit for bit."""
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    signal = np.resize(speech_samples, 160 * audio._BLOCK_FRAMES + 54321).astype(np.float32)
+    n = len(signal) + audio.N_SAMPLES
+    n_frames = n // audio.HOP_LENGTH
+    expected = np.empty((80, n_frames), dtype=np.float32)
+    for start in range(0, n_frames, audio._BLOCK_FRAMES):
+        stop = min(start + audio._BLOCK_FRAMES, n_frames)
+        x = audio._padded_signal(signal, n, start * audio.HOP_LENGTH, (stop - 1) * audio.HOP_LENGTH + audio.N_FFT)
+        frames = np.lib.stride_tricks.as_strided(x, shape=(stop - start, audio.N_FFT),
+                                                 strides=(audio.HOP_LENGTH * 4, 4), writeable=False)
+        spectrum = np.fft.rfft(frames.astype(np.float64) * audio._hann_window(), axis=-1)
+        power = spectrum.real**2 + spectrum.imag**2
+        expected[:, start:stop] = np.log10(np.maximum(filters.astype(np.float64) @ power.T, 1e-10))
+    expected = (np.maximum(expected, expected.max() - np.float32(8.0)) + np.float32(4.0)) / np.float32(4.0)
+    assert log_mel_spectrogram(signal, filters, padding=audio.N_SAMPLES).tobytes() == expected.tobytes()
+
+
+def test_spooled_log_mel_memory_does_not_grow_with_the_audio(speech_samples):
+    """Python-side allocations (numpy's included) while 5 and 30 minutes of samples, made a second at a
+    time, become a SpooledLogMel: the peak is a few blocks either way, under the 30 minutes' log-Mel alone
+    (59 MB; their samples are 115 MB)."""
+    import tracemalloc
+
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    second = audio.SAMPLE_RATE
+
+    def seconds(count):
+        for i in range(count):
+            start = (i * second) % (len(speech_samples) - second)
+            yield speech_samples[start:start + second].astype(np.float32)  # a new array every second
+
+    peaks = {}
+    for minutes in (5, 30):
+        tracemalloc.start()
+        try:
+            with audio.SpooledLogMel(seconds(60 * minutes), filters, padding=audio.N_SAMPLES) as mel:
+                peaks[minutes] = tracemalloc.get_traced_memory()[1]
+                assert not mel.in_memory
+                whole_bytes = 4 * mel.shape[0] * mel.shape[1]
+        finally:
+            tracemalloc.stop()
+    assert whole_bytes > 55e6
+    assert peaks[30] < 32e6 and peaks[30] < whole_bytes / 2, peaks
+    assert peaks[30] < peaks[5] + 4e6, peaks  # no growth with the length

@@ -360,3 +360,46 @@ def _wait_for(condition, guard_s: float = 300) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.1)
+
+
+# --- long uploads: decoded block by block ------------------------------------------------------------
+
+def test_upload_transcribes_as_its_samples_do(server, tiny_runtime, clips):
+    """The server decodes an upload block by block into its log-Mel (runtime.audio.SpooledLogMel) instead of
+    holding the samples: the answer is runtime.transcribe's on the file's samples given in memory (the
+    one-piece log-Mel)."""
+    import runtime
+    from runtime.audio import load_audio
+
+    expected = runtime.transcribe(tiny_runtime, load_audio(clips[4]), **OPTIONS)
+    verbose = as_dict(transcribe(server.client(), clips[4], response_format="verbose_json"))
+    assert [s["tokens"] for s in verbose["segments"]] == [s["tokens"] for s in expected["segments"]]
+    assert [(s["start"], s["end"]) for s in verbose["segments"]] == \
+        [(s["start"], s["end"]) for s in expected["segments"]]
+    assert max(s["seek"] for s in verbose["segments"]) > 0, "two windows expected"
+
+
+def test_log_mel_kept_on_disk_transcribes_alike(tiny_runtime, clips, monkeypatch):
+    """A file's log-Mel past runtime.audio.MEL_IN_MEMORY_BYTES goes to a temporary file (here: any file's);
+    every window read back from it gives the tokens and times of the samples transcribed in memory."""
+    import runtime
+    import runtime.audio
+    import runtime.longform
+    from runtime.audio import load_audio
+
+    made = []
+
+    class Recorded(runtime.audio.SpooledLogMel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.in_memory)
+
+    monkeypatch.setattr(runtime.audio, "MEL_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(runtime.longform, "SpooledLogMel", Recorded)
+    options = dict(OPTIONS, condition_on_previous_text=False, word_timestamps=True)
+    expected = runtime.transcribe(tiny_runtime, load_audio(clips[4]), **options)
+    assert expected["segments"]
+    with open(clips[4], "rb") as f:
+        for source in (clips[4], f):
+            assert runtime.transcribe(tiny_runtime, source, **options) == expected
+    assert made == [False, False]

@@ -278,6 +278,122 @@ def test_batched_vad_decodes_the_speech_pieces(tiny_runtime, audio, speech_72s):
     assert n_pieces >= 4  # 72 s of speech is more than two windows
 
 
+# --- real speech with long silences: against faster-whisper's transcription ---------------------------
+
+# (sentences of audio_samples.SENTENCES, espeak-ng voice, seconds of silence before the passage)
+PASSAGES = [((0,), "en-us", 2.0), ((1, 2), "en-gb", 6.0), ((3,), "en-us", 9.0), ((4, 5), "en-us", 5.0),
+            ((6,), "en-gb", 10.0), ((7, 8), "en-us", 7.0)]
+TAIL_SILENCE_S = 4.0
+REAL_VAD = dict(min_silence_duration_ms=1000, speech_pad_ms=300)  # the same parameters on both sides
+TIMING_SLACK_S = 0.2  # beyond a passage's padding a segment time may reach (whisper's 20 ms steps, rounding)
+
+
+@pytest.fixture(scope="module")
+def long_silences(work_dir):
+    """Spoken passages with 5 to 10 s of silence between them: (samples, the words spoken, each passage's
+    (start, end) in seconds)."""
+    from audio_samples import SENTENCES, speak
+
+    pieces, texts, regions, at = [], [], [], 0
+    for i, (sentences, voice, silence) in enumerate(PASSAGES):
+        pieces.append(np.zeros(int(silence * SR), dtype=np.float32))
+        at += len(pieces[-1])
+        text = " ".join(SENTENCES[j] for j in sentences)
+        spoken = load_audio(str(speak(text, work_dir / f"vad-passage-{i}.wav", voice=voice)))
+        pieces.append(spoken)
+        regions.append((at / SR, (at + len(spoken)) / SR))
+        at += len(spoken)
+        texts.append(text)
+    pieces.append(np.zeros(int(TAIL_SILENCE_S * SR), dtype=np.float32))
+    return np.concatenate(pieces), " ".join(texts), regions
+
+
+@pytest.fixture(scope="module")
+def faster_tiny_en(real_tiny_en_dir):
+    """faster-whisper on the CTranslate2 folder real_tiny_en_dir was converted from, float32."""
+    from pathlib import Path
+
+    from faster_whisper import WhisperModel
+
+    from converter.registry import fetch
+
+    return WhisperModel(str(fetch("tiny.en", Path.home() / ".cache" / "whisper")), device="cpu", compute_type="float32")
+
+
+@pytest.mark.parametrize("beam_size", [None, 5], ids=["greedy", "beam5"])
+def test_transcripts_with_long_silences_agree_with_faster_whispers(real_tiny_en_runtime, faster_tiny_en, long_silences,
+                                                                   monkeypatch, beam_size):
+    """openai's tiny.en with vad_filter=True here and in faster-whisper (its CTranslate2 folder, float32), the
+    same VAD parameters and decoding options (greedy, or faster-whisper's default beam 5; temperature 0 without
+    fallback, conditioning on previous text, timestamps): the same speech chunks, both transcripts close to the
+    words spoken and to each other, and every segment of both inside (or within the padding of) the passages,
+    covering the same passages. Their log-Mel front ends and kernels differ, so equal tokens are not asserted."""
+    import faster_whisper.transcribe as fw_transcribe
+
+    import runtime
+    import runtime.longform
+    from bench.wer import word_error_rate
+
+    audio, spoken, regions = long_silences
+    used = {}
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            used[name] = function(*args, **kwargs)
+            return used[name]
+        return call
+
+    # the speech chunks each transcription actually used
+    monkeypatch.setattr(runtime.longform, "speech_only", recorded("ours", runtime.longform.speech_only))
+    monkeypatch.setattr(fw_transcribe, "get_speech_timestamps", recorded("theirs", fw_transcribe.get_speech_timestamps))
+
+    ours = runtime.transcribe(real_tiny_en_runtime, audio, language="en", temperature=0.0, beam_size=beam_size,
+                              condition_on_previous_text=True, vad_filter=True, vad_parameters=dict(REAL_VAD),
+                              verbose=None)
+    segments, info = faster_tiny_en.transcribe(audio, language="en", beam_size=beam_size or 1, best_of=1,
+                                               temperature=0.0, condition_on_previous_text=True, vad_filter=True,
+                                               vad_parameters=dict(REAL_VAD))
+    theirs = list(segments)
+
+    # the same speech chunks (sample offsets), one or more in each passage's padded extent and none elsewhere
+    speech, chunks = used["ours"]
+    assert chunks == used["theirs"] == vad.speech_timestamps(audio, vad.VadOptions(**REAL_VAD))
+    assert info.duration_after_vad == len(speech) / SR
+    pad = REAL_VAD["speech_pad_ms"] / 1000
+
+    def passage_of(time: float):
+        return next((i for i, (start, end) in enumerate(regions)
+                     if start - pad - TIMING_SLACK_S <= time <= end + pad + TIMING_SLACK_S), None)
+
+    assert all(passage_of(c["start"] / SR) == passage_of(c["end"] / SR) is not None for c in chunks), chunks
+    assert {passage_of(c["start"] / SR) for c in chunks} == set(range(len(regions)))
+
+    our_text, their_text = ours["text"], "".join(s.text for s in theirs)
+    our_wer, their_wer = word_error_rate(spoken, our_text), word_error_rate(spoken, their_text)
+    agreement = 1 - word_error_rate(their_text, our_text)
+    same_tokens = [s["tokens"] for s in ours["segments"]] == [s.tokens for s in theirs]
+    time_difference = max((abs(a - b) for s, t in zip(ours["segments"], theirs)
+                           for a, b in ((s["start"], t.start), (s["end"], t.end))), default=float("nan"))
+    print(f"\nVAD transcripts, tiny.en, beam_size {beam_size}: {len(chunks)} speech chunks, {len(speech) / SR:.1f} s "
+          f"of {len(audio) / SR:.1f} s; WER ours {our_wer:.3f}, faster-whisper {their_wer:.3f}; word agreement "
+          f"{agreement:.3f}; segments {len(ours['segments'])} / {len(theirs)}; same tokens: {same_tokens}, "
+          f"largest difference of segment times {time_difference:.2f} s")
+    assert our_wer <= 0.2 and their_wer <= 0.2, (our_wer, their_wer, our_text, their_text)
+    assert agreement >= 0.9, (our_text, their_text)
+
+    # every segment starts and ends in a passage (with its padding); in both, segments start in every passage
+    # (an end may lie in the next passage: restored from the joined speech, where the next passage follows at once)
+    started = {}
+    for name, times in (("ours", [(s["start"], s["end"]) for s in ours["segments"]]),
+                        ("faster-whisper", [(s.start, s.end) for s in theirs])):
+        assert times, f"no segments from {name}"
+        for start, end in times:
+            assert passage_of(start) is not None and passage_of(end) is not None and start <= end, \
+                (name, start, end, regions)
+        started[name] = {passage_of(start) for start, _ in times}
+    assert started["ours"] == started["faster-whisper"] == set(range(len(regions))), started
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 
