@@ -7,40 +7,11 @@ from pathlib import Path
 
 import click
 
+from .click_types import OptionalFloat, OptionalInt
 from .options import SUBTITLE_OPTIONS
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 
 OUTPUT_FORMATS = ["txt", "vtt", "srt", "tsv", "json", "all"]
-
-
-def _optional_float(value: str) -> float | None:
-    return None if value.lower() == "none" else float(value)
-
-
-class OptionalFloat(click.ParamType):
-    name = "float|none"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, float):
-            return value
-        try:
-            return _optional_float(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
-
-
-class OptionalInt(click.ParamType):
-    name = "integer|none"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).lower() == "none":
-            return None
-        try:
-            return int(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is neither an integer nor 'none'", param, ctx)
 
 
 @click.group()

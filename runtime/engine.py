@@ -344,10 +344,10 @@ class MaxDecoderSession:
 
     def reorder(self, source_indices: Sequence[int]) -> None:
         index = np.asarray(source_indices, dtype=np.int64)
-        if np.array_equal(index, np.arange(len(index))):
+        moved = np.flatnonzero(index != np.arange(len(index)))  # rows that continue another row
+        if moved.size == 0:
             return
         cache, n = self._cache_arrays(), self.length
-        moved = np.flatnonzero(index != np.arange(len(index)))  # rows that continue another row
         for k_t, v in zip(cache[0::2], cache[1::2]):
             k_t[moved, ..., :n] = k_t[index[moved], ..., :n]
             v[moved, :, :n] = v[index[moved], :, :n]

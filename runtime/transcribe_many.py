@@ -21,26 +21,9 @@ from pathlib import Path
 
 import click
 
+from .click_types import OptionalFloat, OptionalInt
 from .manifest import SUMMARY_NAME, ManifestError, read_manifest
 from .ray_jobs import LOCAL
-
-
-def _float_or_none(ctx, param, value):
-    if value is None or value.lower() == "none":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a number nor 'none'") from None
-
-
-def _int_or_none(ctx, param, value):
-    if value is None or value.lower() == "none":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither an integer nor 'none'") from None
 
 
 @click.command("transcribe-many")
@@ -72,20 +55,20 @@ def _int_or_none(ctx, param, value):
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True)
 @click.option("--language", default=None, help="spoken language (name or code); detected per file when omitted")
 @click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--temperature-increment-on-fallback", default="0.2", show_default=True, callback=_float_or_none,
+@click.option("--temperature-increment-on-fallback", type=OptionalFloat(), default=0.2, show_default=True,
               help="added to the temperature for each chunk that fails; 'none' disables fallback")
-@click.option("--best-of", default="5", show_default=True, callback=_int_or_none,
+@click.option("--best-of", type=OptionalInt(), default=5, show_default=True,
               help="candidates when sampling with temperature > 0; 'none' samples one")
-@click.option("--beam-size", default="5", show_default=True, callback=_int_or_none,
+@click.option("--beam-size", type=OptionalInt(), default=5, show_default=True,
               help="beams of beam search at temperature 0; 'none' decodes greedily")
 @click.option("--patience", type=float, default=None, help="beam search patience")
 @click.option("--length-penalty", type=float, default=None, help="alpha of the length penalty")
 @click.option("--suppress-tokens", default="-1", show_default=True,
               help="comma-separated token ids to suppress; -1 suppresses openai-whisper's default set")
 @click.option("--initial-prompt", default=None, help="text every chunk is conditioned on")
-@click.option("--compression-ratio-threshold", default="2.4", show_default=True, callback=_float_or_none)
-@click.option("--logprob-threshold", default="-1.0", show_default=True, callback=_float_or_none)
-@click.option("--no-speech-threshold", default="0.6", show_default=True, callback=_float_or_none)
+@click.option("--compression-ratio-threshold", type=OptionalFloat(), default=2.4, show_default=True)
+@click.option("--logprob-threshold", type=OptionalFloat(), default=-1.0, show_default=True)
+@click.option("--no-speech-threshold", type=OptionalFloat(), default=0.6, show_default=True)
 @click.option("--without-timestamps", is_flag=True, help="decode text only, one segment per 30 s chunk")
 @click.option("--max-initial-timestamp", type=float, default=1.0, show_default=True)
 @click.option("--sample-len", type=int, default=None, help="most tokens sampled per chunk (default n_text_ctx/2)")
