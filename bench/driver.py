@@ -148,8 +148,33 @@ def run_max(spec, rec):
     def decoder(*args, **kwargs):
         return CountedSession(orig_decoder(*args, **kwargs))
 
+    class CountedRows:
+        """A running batch of rows (runtime.continuous), counting the tokens its joins and steps decode."""
+
+        def __init__(self, rows):
+            self._rows = rows
+
+        def join(self, *args, **kwargs):
+            out = self._rows.join(*args, **kwargs)
+            rec.token(1)
+            return out
+
+        def step(self, tokens, *args, **kwargs):
+            out = self._rows.step(tokens, *args, **kwargs)
+            rec.token(batch_rows(tokens))
+            return out
+
+        def __len__(self):
+            return len(self._rows)
+
+        def __getattr__(self, name):
+            return getattr(self._rows, name)
+
     model.encode = encode
     model.decoder = decoder
+    if hasattr(model, "row_batch"):
+        orig_row_batch = model.row_batch
+        model.row_batch = lambda *args, **kwargs: CountedRows(orig_row_batch(*args, **kwargs))
     orig_decode = decoding.decode
 
     def decode(*args, **kwargs):
@@ -159,9 +184,21 @@ def run_max(spec, rec):
         finally:
             rec.close_window(t0)
 
+    orig_decode_windows = getattr(sys.modules.get("runtime.continuous"), "decode_windows", None)
+
+    def decode_windows(*args, **kwargs):  # the windows of a running batch: one record for all of them
+        t0 = rec.open_window()
+        try:
+            return orig_decode_windows(*args, **kwargs)
+        finally:
+            rec.close_window(t0)
+
     for name, module in list(sys.modules.items()):
-        if (name == "runtime" or name.startswith("runtime.")) and getattr(module, "decode", None) is orig_decode:
-            module.decode = decode
+        if name == "runtime" or name.startswith("runtime."):
+            if getattr(module, "decode", None) is orig_decode:
+                module.decode = decode
+            if orig_decode_windows is not None and getattr(module, "decode_windows", None) is orig_decode_windows:
+                module.decode_windows = decode_windows
 
     opts = dict(spec["options"])
     if spec["impl"] == "max-sequential":

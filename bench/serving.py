@@ -2,9 +2,10 @@
 clients, against the same requests run one after the other by `runtime transcribe`; and the server's memory
 under long uploads (python -m bench.serving --memory, see run_memory below).
 
-Every client sends the same short clip (cut from the bench audio) with whisper.transcribe's options
-(greedy, timestamps, conditioning) but no temperature fallback, and `sample_len` tokens per window,
-so the work per request is fixed. The baseline is one `runtime transcribe` process over the same
+Every client sends the same clip (cut from the bench audio; `python -m bench.serving` takes a 60 s one
+by default, two windows the second of which is conditioned on the first's text) with
+whisper.transcribe's options (greedy, timestamps, conditioning) but no temperature fallback, so the
+work per request is fixed (`sample_len` caps the tokens per window where asked). The baseline is one `runtime transcribe` process over the same
 number of copies of the clip: the model loads once, the files are transcribed in turn. Reported:
 requests per second and audio seconds per second; the first request of each level is a warm-up
 and is not timed. The server is checked to return the CLI's tokens for the clip before timing.
@@ -51,10 +52,12 @@ def run_serving(model_dir: Path, audio: Path, out_dir: Path, *, threads: int, sa
     from runtime.audio import SAMPLE_RATE, load_audio
 
     clip_s = len(load_audio(clip)) / SAMPLE_RATE
-    fields = {"language": "en", "sample_len": str(sample_len), "temperature_increment_on_fallback": "none",
-              "response_format": "verbose_json"}
-    cli_options = ["--language", "en", "--sample-len", str(sample_len), "--temperature-increment-on-fallback",
+    fields = {"language": "en", "temperature_increment_on_fallback": "none", "response_format": "verbose_json"}
+    cli_options = ["--language", "en", "--temperature-increment-on-fallback",
                    "none", "--beam-size", "none", "--verbose", "False", "--output-format", "json"]
+    if sample_len:  # else whisper.transcribe()'s: up to 224 tokens a window
+        fields["sample_len"] = str(sample_len)
+        cli_options += ["--sample-len", str(sample_len)]
     env = {**os.environ, "MODULAR_LOG_LEVEL": "error"}
     results: Dict[str, dict] = {"clip_s": clip_s, "sample_len": sample_len, "threads": threads, "levels": {}}
 
@@ -96,18 +99,18 @@ def run_serving(model_dir: Path, audio: Path, out_dir: Path, *, threads: int, sa
                 list(pool.map(request, range(total)))
             wall = time.perf_counter() - start
             after = httpx.get(f"{url}/health").json()
-            batches = after["batches"] - before["batches"]
+            steps = after["decoder_steps"] - before["decoder_steps"]
             results["levels"][str(level)] = {
                 "requests": total, "wall_s": wall, "requests_per_s": total / wall,
                 "audio_s_per_s": total * clip_s / wall,
-                "mean_batch": (after["batched_windows"] - before["batched_windows"]) / batches if batches else 0.0}
+                "mean_batch": (after["row_steps"] - before["row_steps"]) / steps if steps else 0.0}
     finally:
         _stop_server(server, log)
     return results
 
 
 def serving_table(results: dict) -> str:
-    rows = ["| clients | requests | wall s | requests/s | audio s/s | mean windows per device batch |",
+    rows = ["| clients | requests | wall s | requests/s | audio s/s | mean rows per decoder step |",
             "|---|---|---|---|---|---|"]
     seq = results["sequential_cli"]
     rows.append(f"| `runtime transcribe`, one after the other | {seq['requests']} | {seq['wall_s']:.2f} | "
@@ -118,12 +121,15 @@ def serving_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def main(model_dir: Path, audio: Path, out_dir: Path, threads: int, sample_len: int) -> None:
-    results = run_serving(model_dir, audio, out_dir, threads=threads, sample_len=sample_len)
+def main(model_dir: Path, audio: Path, out_dir: Path, threads: int, sample_len: int,
+         clip_seconds: float = 20.0) -> None:
+    results = run_serving(model_dir, audio, out_dir, threads=threads, sample_len=sample_len,
+                          clip_seconds=clip_seconds)
     temp = out_dir / f".serving.json.{os.getpid()}.tmp"
     temp.write_text(json.dumps(results, indent=2))
     temp.replace(out_dir / "serving.json")
-    print(f"\nserving: a {results['clip_s']:.1f} s clip per request, {sample_len} tokens per window, "
+    tokens = f"{sample_len} tokens per window" if sample_len else "up to 224 tokens per window"
+    print(f"\nserving: {model_dir.name}, a {results['clip_s']:.1f} s clip per request, {tokens}, "
           f"{threads} threads\n")
     print(serving_table(results))
 
@@ -334,12 +340,19 @@ def cli(argv=None) -> None:
                    help="--memory: the server's --max-batch (default: --concurrent, so all of them run at once)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="--memory: where the generated audio goes (default: a temporary folder, removed after)")
-    p.add_argument("--sample-len", type=int, default=32, help="throughput levels: tokens per window")
+    p.add_argument("--sample-len", type=int, default=0,
+                   help="throughput levels: tokens per window (0: whisper.transcribe()'s, up to 224)")
+    p.add_argument("--clip-seconds", type=float, default=60.0,
+                   help="throughput levels: the clip each request sends (over 30 s: windows conditioned on "
+                        "the previous window's text)")
     args = p.parse_args(argv)
     out_dir = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not args.memory:
-        return main(args.model.resolve(), args.audio.resolve(), out_dir, args.threads, args.sample_len)
+        if args.clip_seconds <= 0:
+            sys.exit(f"bench.serving: --clip-seconds must be positive, got {args.clip_seconds}")
+        return main(args.model.resolve(), args.audio.resolve(), out_dir, args.threads, args.sample_len,
+                    args.clip_seconds)
     scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     if not scenarios or set(scenarios) - {"hour", "concurrent"}:
         sys.exit(f"bench.serving: --scenarios takes hour and concurrent, got {args.scenarios!r}")

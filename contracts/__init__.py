@@ -17,7 +17,7 @@ from pathlib import Path
 MODEL_FORMAT = "whisper-max/model@1"
 # @2: decoder_step takes the audio row of each token row (kv_rows) and the cross-attention keys and
 # values once per audio; artifacts of @1 feed it other inputs, so they are refused and rebuilt
-MANIFEST_FORMAT = "whisper-max/artifacts@2"
+MANIFEST_FORMAT = "whisper-max/artifacts@3"
 MODEL_JSON = "model.json"
 MANIFEST_JSON = "manifest.json"
 # what every stage reads from model.json

@@ -249,7 +249,8 @@ class WhisperGraphs:
                                v_cache: BufferValue, position: TensorValue) -> TensorValue:
         """A step's self-attention: the new position's key and value are written into the caches
         in place (k_cache [batch, head, head_dim, capacity], v_cache [batch, head, capacity, head_dim])
-        at `position`, and the query attends over the positions up to it. Returns [batch, 1, state]."""
+        at each row's `position` [batch], and the query attends over the row's positions up to it.
+        Returns [batch, 1, state]."""
         d = self.dims
         n_state, n_head = d["n_text_state"], d["n_text_head"]
         batch, head_dim = h.shape[0], n_state // n_head
@@ -265,13 +266,14 @@ class WhisperGraphs:
         keys, values = ops.buffer_load(k_cache), ops.buffer_load(v_cache)
         capacity = keys.shape[3]
         slots = ops.range(0, capacity, 1, out_dim=capacity, dtype=DType.int64, device=self.device)
-        here = ops.equal(slots, position)
+        row_position = ops.reshape(position, [batch, 1, 1, 1])
+        here = ops.equal(slots, row_position)  # [batch, 1, 1, capacity]
         keys = ops.where(here, k_t, keys)
-        values = ops.where(ops.reshape(here, [capacity, 1]), v, values)
+        values = ops.where(ops.reshape(here, [batch, 1, capacity, 1]), v, values)
         ops.buffer_store(k_cache, keys)
         ops.buffer_store(v_cache, values)
         scores = (q @ keys) * (1.0 / math.sqrt(head_dim))
-        scores = ops.where(ops.greater_equal(position, slots), scores,
+        scores = ops.where(ops.greater_equal(row_position, slots), scores,
                            ops.constant(-1e30, DType.float32, device=self.device))
         return self._merge_heads(ops.softmax(scores) @ values)
 
@@ -326,10 +328,11 @@ class WhisperGraphs:
         return BuiltGraph("decoder_prefill", graph, tuple(w.specs.values()))
 
     def decoder_step(self) -> BuiltGraph:
-        """Inputs: tokens int64 [batch, 1], position int64 [1], kv_rows int64 [batch] (the audio row of
-        each token row), then per layer the self-attention caches k_t [batch, head, head_dim, capacity]
-        and v [batch, head, capacity, head_dim] as mutable buffers holding the positions before
-        `position` (the step writes `position` into them), then per layer cross k_t [n_audio, ...] and
+        """Inputs: tokens int64 [batch, 1], position int64 [batch] (each row's own: rows that joined at
+        different times step together), kv_rows int64 [batch] (the audio row of each token row), then
+        per layer the self-attention caches k_t [batch, head, head_dim, capacity] and v [batch, head,
+        capacity, head_dim] as mutable buffers holding each row's positions before its `position` (the
+        step writes `position` into them), then per layer cross k_t [n_audio, ...] and
         cross v [n_audio, ...] (as the prefill of the n_audio audio rows returned them).
         Outputs: logits [batch, vocab]."""
         d = self.dims
@@ -343,7 +346,7 @@ class WhisperGraphs:
         cv_type = TensorType(DType.float32, ["n_audio", n_head, d["n_audio_ctx"], head_dim], device=self.device)
         input_types = [
             TensorType(DType.int64, ["batch", 1], device=self.device),
-            TensorType(DType.int64, [1], device=self.device),
+            TensorType(DType.int64, ["batch"], device=self.device),
             TensorType(DType.int64, ["batch"], device=self.device),
             *([k_type, v_type] * n_layer),
             *([ck_type, cv_type] * n_layer),
@@ -353,7 +356,7 @@ class WhisperGraphs:
             caches = [v.buffer for v in graph.inputs[3:3 + 2 * n_layer]]
             cross_flat = [v.tensor for v in graph.inputs[3 + 2 * n_layer:]]
             cross = [(cross_flat[2 * i], cross_flat[2 * i + 1]) for i in range(n_layer)]
-            x = self._embed(w, tokens, position)
+            x = self._embed(w, tokens, ops.reshape(position, [tokens.shape[0], 1]))
 
             def self_attention(i, prefix, h):
                 return self._cached_self_attention(w, h, prefix, caches[2 * i], caches[2 * i + 1], position), []

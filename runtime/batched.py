@@ -4,7 +4,8 @@
 the next window starts where the last complete segment ended, and the previous text conditions
 it. A batch cannot wait for that. This mode cuts every input into fixed 30 s chunks (the last one
 shorter) and decodes the chunks of all inputs `batch_size` at a time, so one decoder step reads
-the weights once for the whole batch. That is how faster-whisper's BatchedInferencePipeline
+the weights once for the whole batch; with greedy decoding the batch is a running one
+(runtime.continuous): a chunk that reaches its end hands its row to the next chunk at once. That is how faster-whisper's BatchedInferencePipeline
 works too. The result differs from `transcribe` in two ways:
 - chunks do not move with the timestamps: a segment cut by a chunk boundary stays cut;
 - no conditioning on previous text (every chunk gets the same `initial_prompt`, if any).
@@ -29,6 +30,7 @@ import numpy as np
 
 from runtime.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, load_mel_filters, \
     log_mel_spectrogram, pad_or_trim
+from runtime.continuous import decode_windows, joins
 from runtime.decoding import DecodingError, DecodingResult, decode, detect_language
 from runtime.inference import Inference
 from runtime.longform import check_decode_options, is_silent, needs_fallback, split_window
@@ -164,15 +166,20 @@ def transcribe_batch(
         failed: List[_Chunk] = []
         for language in sorted({c.language for c in pending}):
             group = [c for c in pending if c.language == language]
-            for start in range(0, len(group), batch_size):
-                batch = group[start:start + batch_size]
-                results = decode(model, np.stack([c.mel for c in batch]),
-                                 options_at_temperature(dict(base, language=language), t),
-                                 tokenizer_path=tokenizer_path, rng=rng)
-                for chunk, result in zip(batch, results):
-                    chunk.result = result
-                    if needs_fallback(result, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
-                        failed.append(chunk)
+            options = options_at_temperature(dict(base, language=language), t)
+            if joins(options) and hasattr(model, "row_batch"):
+                # greedy: rows of a running batch, a finished chunk's row taken by the next at once
+                decoded = decode_windows(model, [c.mel for c in group], options, tokenizer_path=tokenizer_path,
+                                         max_rows=batch_size)
+            else:
+                decoded = []
+                for start in range(0, len(group), batch_size):
+                    decoded += decode(model, np.stack([c.mel for c in group[start:start + batch_size]]), options,
+                                      tokenizer_path=tokenizer_path, rng=rng)
+            for chunk, result in zip(group, decoded):
+                chunk.result = result
+                if needs_fallback(result, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
+                    failed.append(chunk)
         pending = failed
         if not pending:
             break

@@ -724,21 +724,35 @@ class DecodingTask:
 
         for i in range(self.sample_len):
             if i == 0:
-                out = session.prefill(tokens, positions=[self.sot_index, tokens.shape[1] - 1])
-                out = np.asarray(out, dtype=np.float32)
-                probs_at_sot = softmax(out[:, 0])
-                no_speech_probs = [float(p) for p in probs_at_sot[:, self.tokenizer.no_speech].astype(np.float32)]
-                logits = np.array(out[:, 1], dtype=np.float32)
+                out = session.prefill(tokens, positions=self.prefill_logit_positions(tokens.shape[1]))
+                no_speech_probs, logits = self.first_logits(out)
             else:
                 logits = np.array(session.step(tokens[:, -1]), dtype=np.float32)
-
-            for logit_filter in self.logit_filters:
-                logit_filter.apply(logits, tokens)
-
-            tokens, completed = decoder.update(tokens, logits, sum_logprobs)
-            if completed or tokens.shape[-1] > self.n_ctx:
+            tokens, stop = self.advance(decoder, tokens, logits, sum_logprobs)
+            if stop:
                 break
         return tokens, sum_logprobs, no_speech_probs
+
+    # The pieces of the loop, shared with runtime.continuous, which decodes windows as rows that
+    # join and leave a running batch, one row at a time through these same steps.
+    def prefill_logit_positions(self, n_tokens: int) -> List[int]:
+        """Where the prefill's logits are read: at SOT (for no_speech_prob) and at the last token."""
+        return [self.sot_index, n_tokens - 1]
+
+    def first_logits(self, out: np.ndarray) -> Tuple[List[float], np.ndarray]:
+        """The prefill's logits [batch, 2, vocab] -> no_speech_prob per row, the first step's logits."""
+        out = np.asarray(out, dtype=np.float32)
+        probs_at_sot = softmax(out[:, 0])
+        no_speech_probs = [float(p) for p in probs_at_sot[:, self.tokenizer.no_speech].astype(np.float32)]
+        return no_speech_probs, np.array(out[:, 1], dtype=np.float32)
+
+    def advance(self, decoder: TokenDecoder, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray
+                ) -> Tuple[np.ndarray, bool]:
+        """One sampled token per row after the logit filters; whether the decoding stops."""
+        for logit_filter in self.logit_filters:
+            logit_filter.apply(logits, tokens)
+        tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+        return tokens, completed or tokens.shape[-1] > self.n_ctx
 
     def run(self, mel) -> List[DecodingResult]:
         features, _ = _as_features(self.model, mel)
@@ -755,7 +769,12 @@ class DecodingTask:
         decoder = self._token_decoder(session)
         decoder.reset()
         tokens, sum_logprobs, no_speech_probs = self._main_loop(session, decoder, tokens)
+        return self.results(decoder, tokens, sum_logprobs, no_speech_probs, languages, language_probs)
 
+    def results(self, decoder: TokenDecoder, tokens: np.ndarray, sum_logprobs: np.ndarray,
+                no_speech_probs: List[float], languages: List[str], language_probs) -> List[DecodingResult]:
+        """The decoded rows [n_audio * n_group, length] -> one DecodingResult per audio."""
+        n_audio = tokens.shape[0] // self.n_group
         no_speech_probs = no_speech_probs[:: self.n_group]
         tokens = tokens.reshape(n_audio, self.n_group, -1)
         sum_logprobs = sum_logprobs.reshape(n_audio, self.n_group)

@@ -106,6 +106,12 @@ class MaxAudioFeatures:
     def batch_size(self) -> int:
         return self._batch_size
 
+    def row(self, i: int) -> "MaxAudioFeatures":
+        """Window i's features alone (a view, no copy)."""
+        if not 0 <= i < self._batch_size:
+            raise IndexError(f"row {i} of a batch of {self._batch_size}")
+        return MaxAudioFeatures(_rows(self.buffer, i, i + 1), 1)
+
 
 class WhisperModel:
     """A loaded model: dims, tokenizer and mel assets, and the compiled graphs (runtime.engine.GRAPHS)."""
@@ -253,6 +259,10 @@ class WhisperModel:
     def decoder(self, audio_features: MaxAudioFeatures, repeats: int = 1) -> "MaxDecoderSession":
         return MaxDecoderSession(self, audio_features, repeats)
 
+    def row_batch(self, max_rows: int) -> "MaxRowBatch":
+        """Decoder rows that join and leave a running batch (runtime.continuous)."""
+        return MaxRowBatch(self, max_rows)
+
     def cross_attention_scores(self, audio_features: MaxAudioFeatures, tokens: np.ndarray,
                                heads: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Logits [n, vocab] and the heads' cross-attention scores [len(heads), n, n_audio_ctx] of
@@ -337,7 +347,7 @@ class MaxDecoderSession:
         if self._kv_rows_buffer is None:
             self._kv_rows_buffer = m._to_device(self.kv_rows)
         (logits,) = m.graphs["decoder_step"].execute(
-            m._to_device(tokens), m._to_device(np.array([self.length], dtype=np.int64)), self._kv_rows_buffer,
+            m._to_device(tokens), m._to_device(np.full(len(tokens), self.length, dtype=np.int64)), self._kv_rows_buffer,
             *self.self_cache, *self.cross)
         self.length += 1
         return m._to_host(logits)
@@ -379,3 +389,127 @@ class MaxDecoderSession:
         shares = m.target.device == "cpu" and all(
             np.shares_memory(a, b.to_numpy()) for a, b in zip(arrays, self.self_cache))
         self._host_cache = arrays if shares else None
+
+
+def _rows(buffer, start: int, stop: int):
+    """Rows start:stop of a buffer, as a view (MAX's Buffer takes an index for every dimension)."""
+    return buffer[(slice(start, stop),) + (slice(None),) * (buffer.rank - 1)]
+
+
+class MaxRowBatch:
+    """Decoder rows that join and leave a running batch (the server's continuous batching; the
+    host side is runtime.continuous).
+
+    Each row has its own audio, its own tokens and its own length: the step takes one position
+    per row, so a row that joins mid-way steps beside rows that are far along. The self-attention
+    caches are slot pools [slots, head, ..., n_text_ctx] whose first `len(self)` slots are the
+    active rows, in order; a row that leaves is replaced by the last row, so the active rows stay
+    one contiguous block the step reads as a view. The cross-attention keys and values sit in
+    slot pools of their own and are never moved: `kv_rows` maps each row to its audio's slot.
+    Pools grow by doubling up to `max_rows` and are released when the last row leaves, so an idle
+    server holds none.
+    """
+
+    def __init__(self, model: WhisperModel, max_rows: int):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.model = model
+        self.max_rows = max_rows
+        self.slots = 0
+        self.self_pool: list = []  # per layer k_t [slots, head, head_dim, n_ctx], v [slots, head, n_ctx, head_dim]
+        self.cross_pool: list = []  # per layer k_t [slots, head, head_dim, n_audio_ctx], v [slots, ...]
+        self.kv_rows: list[int] = []  # each active row's cross slot
+        self.positions: list[int] = []  # each active row's next position (the tokens in its cache)
+        self._free_cross: list[int] = []
+        self._step_inputs = None  # the views and maps a step passes, until the rows change
+
+    def __len__(self) -> int:
+        return len(self.kv_rows)
+
+    def join(self, features: MaxAudioFeatures, tokens: Sequence[int], logit_positions: Sequence[int]) -> np.ndarray:
+        """Prefills one row (one window's audio features, batch 1, and its initial tokens) and adds
+        it as the last row; returns the prefill's logits [1, len(logit_positions), vocab]."""
+        m, n_layer = self.model, self.model.dims.n_text_layer
+        if len(self) >= self.max_rows:
+            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        if features.batch_size != 1:
+            raise ValueError(f"a row takes one window's features, got a batch of {features.batch_size}")
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        outputs = m.graphs["decoder_prefill"].execute(
+            m._to_device(tokens), m._to_device(np.asarray(logit_positions, dtype=np.int64)), features.buffer)
+        self._reserve(len(self) + 1)
+        row, n = len(self), tokens.shape[1]
+        cross_slot = self._free_cross.pop()
+        for pool, computed in zip(self.cross_pool, outputs[1 + 2 * n_layer:]):
+            _rows(pool, cross_slot, cross_slot + 1).inplace_copy_from(computed)
+        for i, computed in enumerate(outputs[1: 1 + 2 * n_layer]):
+            host = m._to_host(computed)[0]
+            room = np.zeros(self.self_pool[i].shape[1:], dtype=np.float32)
+            if i % 2 == 0:
+                room[..., :n] = host  # k_t [head, head_dim, n]
+            else:
+                room[:, :n] = host  # v [head, n, head_dim]
+            _rows(self.self_pool[i], row, row + 1).inplace_copy_from(m._to_device(room[None]))
+        self.kv_rows.append(cross_slot)
+        self.positions.append(n)
+        self._step_inputs = None
+        return m._to_host(outputs[0])
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        """One token per active row, in row order -> logits [rows, vocab]."""
+        m = self.model
+        if len(tokens) != len(self) or not len(self):
+            raise ValueError(f"{len(tokens)} tokens for {len(self)} rows")
+        if max(self.positions) >= m.dims.n_text_ctx:
+            raise ValueError(f"the decoder holds at most {m.dims.n_text_ctx} positions")
+        if self._step_inputs is None:
+            rows = len(self)
+            self._step_inputs = (m._to_device(np.asarray(self.kv_rows, dtype=np.int64)),
+                                 [_rows(pool, 0, rows) for pool in self.self_pool])
+        kv_rows, caches = self._step_inputs
+        (logits,) = m.graphs["decoder_step"].execute(
+            m._to_device(np.asarray(tokens, dtype=np.int64).reshape(-1, 1)),
+            m._to_device(np.asarray(self.positions, dtype=np.int64)), kv_rows, *caches, *self.cross_pool)
+        self.positions = [p + 1 for p in self.positions]
+        return m._to_host(logits)
+
+    def leave(self, row: int) -> None:
+        """Drops a row; the last row takes its place (row numbers after it are unchanged)."""
+        last = len(self) - 1
+        self._free_cross.append(self.kv_rows[row])
+        if row != last:
+            for pool in self.self_pool:
+                _rows(pool, row, row + 1).inplace_copy_from(_rows(pool, last, last + 1))
+            self.kv_rows[row], self.positions[row] = self.kv_rows[last], self.positions[last]
+        self.kv_rows.pop()
+        self.positions.pop()
+        self._step_inputs = None
+        if not self.kv_rows:  # idle: give the pools back (a burst of requests does not hold them)
+            self.self_pool, self.cross_pool, self._free_cross, self.slots = [], [], [], 0
+
+    def _reserve(self, rows: int) -> None:
+        """Grows the pools (doubling, at most max_rows slots) to hold `rows` rows."""
+        if rows <= self.slots:
+            return
+        from max.driver import Buffer
+        from max.dtype import DType
+
+        m, d = self.model, self.model.dims
+        slots = min(self.max_rows, max(rows, 2 * self.slots))
+        head_dim = d.n_text_state // d.n_text_head
+
+        def grown(old, shape):
+            pool = Buffer.zeros([slots, *shape], DType.float32, device=m._device)
+            if old is not None:
+                _rows(pool, 0, self.slots).inplace_copy_from(old)
+            return pool
+
+        self_shapes = [(d.n_text_head, head_dim, d.n_text_ctx), (d.n_text_head, d.n_text_ctx, head_dim)]
+        cross_shapes = [(d.n_text_head, head_dim, d.n_audio_ctx), (d.n_text_head, d.n_audio_ctx, head_dim)]
+        old_self = self.self_pool or [None] * (2 * d.n_text_layer)
+        old_cross = self.cross_pool or [None] * (2 * d.n_text_layer)
+        self.self_pool = [grown(old, self_shapes[i % 2]) for i, old in enumerate(old_self)]
+        self.cross_pool = [grown(old, cross_shapes[i % 2]) for i, old in enumerate(old_cross)]
+        self._free_cross = list(range(slots - 1, self.slots - 1, -1)) + self._free_cross
+        self.slots = slots
+        self._step_inputs = None

@@ -49,7 +49,8 @@ from runtime.inference import Inference
 from runtime.options import TranscribeOptions, options_at_temperature
 from runtime.timing import add_word_timestamps, get_end
 from runtime.tokenizer import LANGUAGES, TokenizerError, get_tokenizer
-from runtime.vad import SpeechTimestampsMap, restore_segments, speech_only
+from runtime.vad import (SpeechTimestampsMap, VadOptions, restore_segments, speech_blocks, speech_only,
+                         streamed_speech_timestamps)
 from runtime.writers import format_timestamp
 
 _OPTION_NAMES = {f.name for f in fields(DecodingOptions)} - {"temperature"}
@@ -128,6 +129,17 @@ def split_window(tokens: np.ndarray, timestamp_begin: int, time_offset: float, d
         return pieces, None  # a lone timestamp before EOT: nothing is spoken after it in this window
     # the text after the last pair is an unfinished segment: drop it, resume at the last timestamp
     return pieces, int(tokens[last_slice - 1]) - timestamp_begin
+
+
+def _can_read_twice(source) -> bool:
+    """Whether stream_audio can decode `source` a second time: a path or bytes, or a file object that
+    can seek back to where it is now."""
+    if not hasattr(source, "read"):
+        return True
+    try:
+        return bool(source.seekable()) and source.tell() >= 0
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def check_decode_options(temperatures: Sequence[float], decode_options: dict) -> None:
@@ -271,12 +283,23 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
     audio_duration = None  # with VAD: the whole audio's, which the speech alone is shorter than
     # the log-mel has 30 s of silence after the audio (padding), so every window can be sliced whole
     if options.vad_filter:
-        if decoded_here:
-            audio = load_audio(audio)  # the VAD scores the whole audio before any speech is cut out of it
-        audio_duration = len(audio) / SAMPLE_RATE
-        audio, speech_chunks = speech_only(np.asarray(audio, dtype=np.float32), options.vad_parameters)
+        if decoded_here and _can_read_twice(audio):
+            # two passes over ffmpeg's output, neither holding the audio whole: the VAD scores it, then
+            # the speech it found is cut out of it again and becomes the log-mel as it comes
+            start = audio.tell() if hasattr(audio, "read") else None
+            speech_chunks, n_samples = streamed_speech_timestamps(
+                stream_audio(audio), VadOptions.from_parameters(options.vad_parameters))
+            if start is not None:
+                audio.seek(start)
+            audio_duration = n_samples / SAMPLE_RATE
+            mel = SpooledLogMel(speech_blocks(stream_audio(audio), speech_chunks), mel_filters, padding=N_SAMPLES)
+        else:
+            if decoded_here:  # a stream that cannot be read again: its samples are held while the VAD runs
+                audio = load_audio(audio)
+            audio_duration = len(audio) / SAMPLE_RATE
+            audio, speech_chunks = speech_only(np.asarray(audio, dtype=np.float32), options.vad_parameters)
+            mel = SpooledLogMel([audio], mel_filters, padding=N_SAMPLES)
         speech_timeline = SpeechTimestampsMap(speech_chunks) if speech_chunks else None
-        mel = SpooledLogMel([audio], mel_filters, padding=N_SAMPLES)
     elif decoded_here:
         mel = SpooledLogMel(stream_audio(audio), mel_filters, padding=N_SAMPLES)
     else:

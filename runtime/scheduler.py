@@ -1,23 +1,19 @@
-"""One thread runs all of the server's device work, and decodes concurrent requests' windows as one batch.
+"""One thread runs all of the server's device work, and decodes concurrent requests' windows as rows of one running batch.
 
 Each request transcribes in its own thread (runtime.longform), but it never touches the model
 itself: its `decode(model, mel, options)` calls, and the few other device calls of the loop
 (language detection, the encoder for word timestamps, the alignment pass), are queued here and run
-by one worker thread, in order of arrival. When the worker takes a window to decode, it takes
-with it every queued window with the same decoding options, up to `max_batch` rows, and decodes
-them as one device batch (runtime.decoding.DecodingTask runs a batch of windows as it runs one);
-each request gets its own rows back. So requests run concurrently, and a decoder step reads the
-weights once for all of them.
+by one worker thread. Windows decoded greedily at temperature 0 with a known language (every
+window of transcribe()'s defaults until a fallback) join a running batch as soon as a row is free
+(runtime.continuous): each decoder step advances the windows of every request in flight, whatever
+their prompts and however far along each is, and a window that reaches its end leaves and hands
+its result back at once. So throughput grows with load, and each request's tokens are the ones
+it gets alone. Other work (beam search, sampling at a fallback temperature, language detection,
+the encoder and alignment passes of word timestamps) runs alone between two steps, in order of
+arrival.
 
-Only windows whose rows cannot affect each other are batched: greedy decoding at temperature 0,
-where each row's tokens depend on its own audio and prompt alone (runtime.longform batches such
-windows of one file the same way, and tests/test_batched.py checks that batching changes no
-tokens). Beam search and sampling run alone: a batch of beams runs until every window's beams have
-finished, and samples would draw from a shared generator. Rows must share their options, prompt
-included: windows conditioned on different previous text are decoded one after the other.
-
-A request whose client went away is cancelled: its queued work is dropped and its thread stops
-at the next window (Cancelled).
+A request whose client went away is cancelled: its queued work is dropped, its rows leave the
+batch, and its thread stops at the next window (Cancelled).
 """
 
 from __future__ import annotations
@@ -25,11 +21,12 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from runtime.decoding import DecodingOptions, decode
+from runtime.continuous import ContinuousDecoder, joins
+from runtime.decoding import DecodingOptions, _as_features, decode
 
 
 class Cancelled(Exception):
@@ -39,17 +36,23 @@ class Cancelled(Exception):
 @dataclass(eq=False)
 class _Job:
     cancel: Optional[threading.Event]
-    run: Optional[Callable[[], Any]] = None  # work that is not batched
-    key: Any = None  # decoding work: rows with equal keys decode as one batch
-    kind: str = ""  # "mel" or "features"
+    run: Optional[Callable[[], Any]] = None  # work that runs alone
+    inputs: Any = None  # windows that join the batch: (mel or audio features, options, tokenizer_path)
     rows: int = 0
-    inputs: Any = None
-    single: bool = False  # a [n_mels, n_frames] mel: decode returns one result, not a list
+    single: bool = False  # a [n_mels, n_frames] mel: the caller gets one result, not a list
+    results: List[Any] = field(default_factory=list)
+    pending: int = 0  # rows still decoding
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: Optional[BaseException] = None
 
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
     def finish(self, result=None, error: Optional[BaseException] = None) -> None:
+        if self.done.is_set():
+            return
         self.result, self.error = result, error
         self.done.set()
 
@@ -60,20 +63,6 @@ class _Job:
         return self.result
 
 
-def _hashable(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(v) for v in value)
-    return value
-
-
-def _batch_key(options: DecodingOptions, tokenizer_path) -> Optional[tuple]:
-    """The key of a decode that may share a batch with others of the same key; None if it must run alone."""
-    if options.temperature != 0 or options.beam_size is not None:
-        return None
-    return (str(tokenizer_path),) + tuple(_hashable(getattr(options, name))
-                                          for name in DecodingOptions.__dataclass_fields__)
-
-
 class Scheduler:
     """Runs device work for many threads on one worker thread; see the module docstring."""
 
@@ -82,14 +71,28 @@ class Scheduler:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.max_batch = max_batch
+        # models without row batches (a test's stand-in) decode every window alone
+        self._rows = ContinuousDecoder(model, max_batch) if hasattr(model, "row_batch") else None
         self._queue: deque = deque()
         self._lock = threading.Condition()
         self._closing = False
-        self.batches = 0  # device batches decoded
-        self.rows = 0  # windows decoded in them
-        self.largest_batch = 0
+        self.windows = 0  # windows decoded as rows of the running batch
         self._thread = threading.Thread(target=self._work, name="runtime-scheduler", daemon=True)
         self._thread.start()
+
+    @property
+    def steps(self) -> int:
+        """Decoder steps the running batch took."""
+        return self._rows.steps if self._rows else 0
+
+    @property
+    def row_steps(self) -> int:
+        """Rows those steps advanced, summed (row_steps / steps: the mean batch)."""
+        return self._rows.row_steps if self._rows else 0
+
+    @property
+    def largest_batch(self) -> int:
+        return self._rows.largest if self._rows else 0
 
     # -- what request threads call ------------------------------------------------------------
     def call(self, fn: Callable, *args, cancel: Optional[threading.Event] = None, **kwargs):
@@ -98,22 +101,18 @@ class Scheduler:
 
     def decode(self, model, mel, options: DecodingOptions = DecodingOptions(), *, tokenizer_path=None,
                rng=None, cancel: Optional[threading.Event] = None):
-        """runtime.decoding.decode, batched with other requests' windows where that cannot change them.
+        """runtime.decoding.decode; windows that can join the running batch do.
         `model` is ignored: the scheduler's model runs every decode."""
-        key = _batch_key(options, tokenizer_path) if rng is None or options.temperature == 0 else None
-        if key is not None and isinstance(mel, np.ndarray) and mel.ndim in (2, 3):
-            batch = mel[None] if mel.ndim == 2 else mel
-            return self._submit(_Job(cancel, key=("mel", key), kind="mel", rows=batch.shape[0],
-                                     inputs=(batch, options, tokenizer_path), single=mel.ndim == 2))
-        if key is not None and hasattr(mel, "buffer") and getattr(mel, "batch_size", 0) == 1 \
-                and hasattr(self.model, "_to_host"):
-            return self._submit(_Job(cancel, key=("features", key), kind="features", rows=1,
-                                     inputs=(mel, options, tokenizer_path)))
+        rows = mel.shape[0] if isinstance(mel, np.ndarray) and mel.ndim == 3 else \
+            1 if isinstance(mel, np.ndarray) else getattr(mel, "batch_size", 0)
+        if self._rows is not None and joins(options) and 1 <= rows <= self.max_batch:
+            single = isinstance(mel, np.ndarray) and mel.ndim == 2
+            return self._submit(_Job(cancel, inputs=(mel, options, tokenizer_path), rows=rows, single=single))
         return self._submit(_Job(cancel, run=lambda: decode(self.model, mel, options, tokenizer_path=tokenizer_path,
                                                             rng=rng)))
 
     def close(self) -> None:
-        """Finish the queued work, then stop the worker."""
+        """Finish the queued work and the running rows, then stop the worker."""
         with self._lock:
             self._closing = True
             self._lock.notify_all()
@@ -126,7 +125,7 @@ class Scheduler:
 
     # -- the worker -------------------------------------------------------------------------------
     def _submit(self, job: _Job):
-        if job.cancel is not None and job.cancel.is_set():
+        if job.cancelled:
             raise Cancelled()
         with self._lock:
             if self._closing:
@@ -135,62 +134,76 @@ class Scheduler:
             self._lock.notify()
         return job.wait()
 
-    def _next_batch(self) -> Optional[List[_Job]]:
+    def _take(self) -> Optional[Tuple[List[_Job], Optional[_Job]]]:
+        """The windows that join now (as many as there are free rows) and at most one job that
+        runs alone, in order of arrival; None when closing with nothing left."""
         with self._lock:
-            while True:
-                while self._queue:
-                    job = self._queue.popleft()
-                    if job.cancel is not None and job.cancel.is_set():
-                        job.finish(error=Cancelled())
-                        continue
-                    batch, rows = [job], job.rows
-                    if job.key is not None:
-                        for other in list(self._queue):
-                            if rows >= self.max_batch:
-                                break
-                            if other.key == job.key and rows + other.rows <= self.max_batch \
-                                    and not (other.cancel is not None and other.cancel.is_set()):
-                                self._queue.remove(other)
-                                batch.append(other)
-                                rows += other.rows
-                    return batch
+            running = bool(self._rows and self._rows.rows)
+            while not self._queue and not running:
                 if self._closing:
                     return None
                 self._lock.wait()
+            joining, alone = [], None
+            free = self._rows.free if self._rows else 0
+            for job in list(self._queue):
+                if job.cancelled:
+                    self._queue.remove(job)
+                    job.finish(error=Cancelled())
+                elif job.run is None and job.rows <= free:
+                    self._queue.remove(job)
+                    joining.append(job)
+                    free -= job.rows
+                elif job.run is not None and alone is None:
+                    self._queue.remove(job)
+                    alone = job
+            return joining, alone
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                if batch[0].run is not None:
-                    batch[0].finish(batch[0].run())
-                else:
-                    self._decode_batch(batch)
-            except BaseException as exc:  # every waiting request gets the error; the worker lives on
-                for job in batch:
-                    if not job.done.is_set():
-                        job.finish(error=exc)
+        while (taken := self._take()) is not None:
+            joining, alone = taken
+            if alone is not None:
+                try:
+                    alone.finish(alone.run())
+                except BaseException as exc:  # the request gets the error; the worker lives on
+                    alone.finish(error=exc)
+            for job in joining:
+                self._join(job)
+            if self._rows and self._rows.rows:
+                self._step()
 
-    def _decode_batch(self, batch: List[_Job]) -> None:
-        _, options, tokenizer_path = batch[0].inputs
-        if batch[0].kind == "mel":
-            inputs = np.concatenate([job.inputs[0] for job in batch]) if len(batch) > 1 else batch[0].inputs[0]
-        elif len(batch) == 1:
-            inputs = batch[0].inputs[0]
-        else:  # one window's encoder output per request, joined into one batch on the device
-            from runtime.engine import MaxAudioFeatures
+    def _join(self, job: _Job) -> None:
+        mel, options, tokenizer_path = job.inputs
+        try:
+            features, _ = _as_features(self.model, mel)
+            job.results, job.pending = [None] * job.rows, job.rows
+            for i in range(job.rows):
+                row = features if job.rows == 1 else features.row(i)
+                self._deliver(self._rows.join(row, options, tokenizer_path, (job, i)))
+        except BaseException as exc:
+            self._rows.drop(lambda owner: owner[0] is job)
+            job.finish(error=exc)
 
-            host = np.concatenate([self.model._to_host(job.inputs[0].buffer) for job in batch])
-            inputs = MaxAudioFeatures(self.model._to_device(host), host.shape[0])
-        results = decode(self.model, inputs, options, tokenizer_path=tokenizer_path)
-        rows = sum(job.rows for job in batch)
-        self.batches += 1
-        self.rows += rows
-        self.largest_batch = max(self.largest_batch, rows)
-        start = 0
-        for job in batch:
-            mine = results[start:start + job.rows]
-            start += job.rows
-            job.finish(mine[0] if job.single else mine)
+    def _step(self) -> None:
+        cancelled = {owner[0] for owner in (row.owner for row in self._rows.rows) if owner[0].cancelled}
+        if cancelled:
+            self._rows.drop(lambda owner: owner[0] in cancelled)
+            for job in cancelled:
+                job.finish(error=Cancelled())
+            if not self._rows.rows:
+                return
+        try:
+            self._deliver(self._rows.step())
+        except BaseException as exc:  # every request with a row gets the error; the worker lives on
+            for job in {owner[0] for owner in self._rows.clear()}:
+                job.finish(error=exc)
+
+    def _deliver(self, finished) -> None:
+        for (job, i), result in finished:
+            job.results[i] = result
+            job.pending -= 1
+            self.windows += 1
+            if job.pending == 0:
+                job.finish(job.results[0] if job.single else job.results)
 
 
 class ScheduledModel:

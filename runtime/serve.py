@@ -369,8 +369,8 @@ def create_app(server: Server):
         s = server.stats
         return {"status": "ok", "model": server.model_id, "running": s.running, "capacity": server.capacity,
                 "completed": s.completed, "cancelled": s.cancelled, "rejected": s.rejected, "failed": s.failed,
-                "batches": server.scheduler.batches, "batched_windows": server.scheduler.rows,
-                "largest_batch": server.scheduler.largest_batch}
+                "decoder_steps": server.scheduler.steps, "row_steps": server.scheduler.row_steps,
+                "batched_windows": server.scheduler.windows, "largest_batch": server.scheduler.largest_batch}
 
     @app.get("/v1/models")
     async def models():

@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -175,29 +175,55 @@ class SileroVad:
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise VadError(f"VAD takes mono audio (one dimension), got shape {audio.shape}")
-        n_windows = len(audio) // WINDOW_SAMPLES + 1  # the audio padded with zeros to whole windows
-        # the model runs its LSTM over the rows in order; h and c carry it across calls
+        return self.streamed([audio])[0]
+
+    def streamed(self, blocks: Iterable[np.ndarray]) -> Tuple[np.ndarray, int]:
+        """(the probabilities __call__ gives for the blocks joined, their number of samples), from
+        audio given a block at a time (runtime.audio.stream_audio): only the samples of the run being
+        scored are held, never the whole audio.
+
+        The model runs its LSTM over the windows in order, WINDOWS_PER_RUN windows per call, with h
+        and c carried from one call to the next. A run is scored once its samples have all come and
+        more come after it (so it is not the last run, which is treated apart below): the same runs,
+        with the same rows, as over the whole audio at once."""
         h = np.zeros((1, 1, 128), dtype=np.float32)
         c = np.zeros((1, 1, 128), dtype=np.float32)
         probabilities = []
-        for first in range(0, n_windows, WINDOWS_PER_RUN):
-            last = min(first + WINDOWS_PER_RUN, n_windows)
+        held = np.zeros(0, dtype=np.float32)  # samples from `held_from` on
+        held_from = received = 0
+        first = 0  # the next run's first window
+
+        def run(first: int, last: int, final: bool):
+            nonlocal h, c
             # Each row is a window with the 64 samples before it (zeros before the audio and after it).
-            # One run's rows are made at a time, from the samples they cover: an hour of audio never has
-            # a padded copy, nor one of its rows, beside it.
             lo = first * WINDOW_SAMPLES - CONTEXT_SAMPLES  # the first sample the run reads
             stretch = np.zeros((last - first) * WINDOW_SAMPLES + CONTEXT_SAMPLES, dtype=np.float32)
-            samples = audio[max(lo, 0): last * WINDOW_SAMPLES]
+            samples = held[max(lo, 0) - held_from: last * WINDOW_SAMPLES - held_from]
             stretch[max(lo, 0) - lo: max(lo, 0) - lo + len(samples)] = samples
-            if last == n_windows:
+            if final:
                 # faster-whisper zeroes the last 64 samples of the final window (its context array is a
                 # view of the windows); done here too, so the final window scores the same
                 stretch[-CONTEXT_SAMPLES:] = 0
             rows = np.lib.stride_tricks.sliding_window_view(stretch, CONTEXT_SAMPLES + WINDOW_SAMPLES)
-            inputs = np.ascontiguousarray(rows[::WINDOW_SAMPLES])
-            scores, h, c = self.session.run(None, {"input": inputs, "h": h, "c": c})
+            scores, h, c = self.session.run(None, {"input": np.ascontiguousarray(rows[::WINDOW_SAMPLES]),
+                                                   "h": h, "c": c})
             probabilities.append(scores)
-        return np.concatenate(probabilities).reshape(-1)
+
+        for block in blocks:
+            block = np.asarray(block, dtype=np.float32).reshape(-1)
+            held = np.concatenate([held, block]) if held.size else block
+            received += len(block)
+            # more samples than the run covers have come: it is not the last run
+            while received > (first + WINDOWS_PER_RUN) * WINDOW_SAMPLES:
+                run(first, first + WINDOWS_PER_RUN, final=False)
+                first += WINDOWS_PER_RUN
+                keep_from = first * WINDOW_SAMPLES - CONTEXT_SAMPLES  # the next run's context
+                held, held_from = held[keep_from - held_from:], keep_from
+        n_windows = received // WINDOW_SAMPLES + 1  # the audio padded with zeros to whole windows
+        for start in range(first, n_windows, WINDOWS_PER_RUN):
+            last = min(start + WINDOWS_PER_RUN, n_windows)
+            run(start, last, final=last == n_windows)
+        return np.concatenate(probabilities).reshape(-1), received
 
 
 def speech_timestamps(audio: np.ndarray, options: Optional[VadOptions] = None,
@@ -208,6 +234,35 @@ def speech_timestamps(audio: np.ndarray, options: Optional[VadOptions] = None,
     options.check()
     probabilities = (model or load_vad_model())(audio)
     return speech_from_probabilities(probabilities, len(audio), options)
+
+
+def streamed_speech_timestamps(blocks: Iterable[np.ndarray], options: Optional[VadOptions] = None,
+                               model: Optional[SileroVad] = None) -> Tuple[List[dict], int]:
+    """(speech_timestamps of the blocks joined, their number of samples), from audio given a block at
+    a time: the whole audio is never held (an hour is 230 MB of samples)."""
+    options = VadOptions() if options is None else options
+    options.check()
+    probabilities, n_samples = (model or load_vad_model()).streamed(blocks)
+    return speech_from_probabilities(probabilities, n_samples, options), n_samples
+
+
+def speech_blocks(blocks: Iterable[np.ndarray], chunks: List[dict]) -> Iterator[np.ndarray]:
+    """The speech chunks' samples joined in order (collect_chunks' one piece), a block at a time, from
+    the audio given a block at a time (runtime.audio.SpooledLogMel takes them so). The chunks are in
+    order and do not overlap, as speech_timestamps makes them."""
+    at = 0  # the sample the next block starts at
+    i = 0  # the first chunk not yet passed
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32).reshape(-1)
+        end = at + len(block)
+        while i < len(chunks) and chunks[i]["start"] < end:
+            piece = block[max(chunks[i]["start"] - at, 0): max(min(chunks[i]["end"], end) - at, 0)]
+            if len(piece):
+                yield piece
+            if chunks[i]["end"] > end:
+                break  # the chunk goes on in the next block
+            i += 1
+        at = end
 
 
 def speech_from_probabilities(probabilities: Sequence, n_samples: int, options: VadOptions) -> List[dict]:

@@ -53,6 +53,40 @@ def _prefill_then_steps_match_torch(model, inputs, reference):
     return session
 
 
+def _rows_at_different_positions_match_torch(model, inputs, reference):
+    """Continuous batching's seam (runtime.engine.MaxRowBatch): a row joins while another is two
+    positions ahead, both step together at their own positions, the first leaves, a third joins
+    into the freed place (and the pools grow past their first slot), and every logit is torch's."""
+    from runtime.engine import MaxRowBatch
+
+    mel, tokens = inputs
+    features = model.encode(mel)
+    rows = MaxRowBatch(model, max_rows=3)
+
+    def close(logits, audio, positions):
+        return np.abs(logits - reference[1][audio, positions]).max() < TOLERANCE
+
+    assert close(rows.join(features.row(0), tokens[0, :4], [0, 3])[0], 0, [0, 3])
+    assert close(rows.step(tokens[0, [4]])[0], 0, 4)
+    assert close(rows.join(features.row(1), tokens[1, :3], [2])[0], 1, [2])
+    assert rows.positions == [5, 3] and rows.slots == 2
+    logits = rows.step(tokens[[0, 1], [5, 3]])
+    assert close(logits[0], 0, 5) and close(logits[1], 1, 3)
+    rows.leave(0)  # row 1 (audio 1) is now row 0
+    assert close(rows.join(features.row(0), tokens[0, :2], [1])[0], 0, [1])
+    assert rows.positions == [4, 2] and len(rows) == 2
+    logits = rows.step(tokens[[1, 0], [4, 2]])
+    assert close(logits[0], 1, 4) and close(logits[1], 0, 2)
+    assert close(rows.join(features.row(1), tokens[1, :5], [4])[0], 1, [4])
+    assert rows.slots == 3
+    logits = rows.step(tokens[[1, 0, 1], [5, 3, 5]])
+    assert close(logits[0], 1, 5) and close(logits[1], 0, 3) and close(logits[2], 1, 5)
+
+
+def test_rows_at_different_positions_match_torch(tiny_runtime, inputs, reference):
+    _rows_at_different_positions_match_torch(tiny_runtime, inputs, reference)
+
+
 def test_prefill_then_steps_match_torch(tiny_runtime, inputs, reference, monkeypatch):
     from runtime.engine import MaxDecoderSession
 
@@ -89,6 +123,7 @@ def test_step_with_stock_ops_matches_torch(tiny_model_dir, isolated_copy, inputs
     monkeypatch.setattr(MaxDecoderSession, "ROOM", 2)
     model = WhisperModel(model_dir)
     _prefill_then_steps_match_torch(model, inputs, reference)
+    _rows_at_different_positions_match_torch(model, inputs, reference)
 
     mel, tokens = inputs
     session = model.decoder(model.encode(mel), repeats=2)

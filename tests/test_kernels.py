@@ -49,7 +49,7 @@ def kernel_graphs():
     cached_inputs = [BufferType(DType.float32, ["rows", HEADS, HEAD_DIM, "capacity"], cpu),
                      BufferType(DType.float32, ["rows", HEADS, "capacity", HEAD_DIM], cpu),
                      *[TensorType(DType.float32, ["rows", HEADS, HEAD_DIM], cpu)] * 3,
-                     TensorType(DType.int64, [1], cpu)]
+                     TensorType(DType.int64, ["rows"], cpu)]
     with Graph("cached_attention_kernel", input_types=cached_inputs, custom_extensions=[KERNELS_PATH]) as graph:
         k_cache, v_cache = (v.buffer for v in graph.inputs[:2])
         graph.output(cached_query_attention(k_cache, v_cache, *(v.tensor for v in graph.inputs[2:])))
@@ -125,36 +125,41 @@ def test_grouped_query_attention_refuses_a_row_outside_the_audio(kernel_graphs):
         kernel_graphs[2].execute(*(Buffer.from_numpy(a) for a in arrays))
 
 
-@pytest.mark.parametrize("rows,capacity,filled", [(5, 448, 0), (5, 448, 299), (2, 20, 19), (7, 64, 33)])
-def test_cached_query_attention_extends_the_cache_in_place(kernel_graphs, rows, capacity, filled):
-    """The step writes its key and value at `filled` into the caller's buffers, leaves every other
-    position as it was, and returns bit for bit single_query_attention over the filled + 1 positions."""
+@pytest.mark.parametrize("capacity,filled", [
+    (448, [0] * 5), (448, [299] * 5), (20, [19, 19]), (64, [33, 0, 5, 63, 17, 1, 40]), (448, [447, 0, 222])])
+def test_cached_query_attention_extends_the_cache_in_place(kernel_graphs, capacity, filled):
+    """Each row writes its key and value at its own position into the caller's buffers, leaves every
+    other position as it was, and gets bit for bit single_query_attention over its positions up to it."""
     from max.driver import Buffer
 
-    rng = np.random.default_rng(capacity + filled)
+    rows = len(filled)
+    rng = np.random.default_rng(capacity + sum(filled))
     k_cache = rng.standard_normal((rows, HEADS, HEAD_DIM, capacity)).astype(np.float32)
     v_cache = rng.standard_normal((rows, HEADS, capacity, HEAD_DIM)).astype(np.float32)
     k_before, v_before = k_cache.copy(), v_cache.copy()
     q, k, v = (rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32) for _ in range(3))
     (out,) = kernel_graphs[3].execute(Buffer.from_numpy(k_cache), Buffer.from_numpy(v_cache),
                                       *(Buffer.from_numpy(a) for a in (q, k, v)),
-                                      Buffer.from_numpy(np.array([filled], np.int64)))
+                                      Buffer.from_numpy(np.array(filled, np.int64)))
     expected_k, expected_v = k_before.copy(), v_before.copy()
-    expected_k[..., filled], expected_v[:, :, filled] = k, v
+    for row, at in enumerate(filled):
+        expected_k[row, ..., at], expected_v[row, :, at] = k[row], v[row]
     np.testing.assert_array_equal(k_cache, expected_k)
     np.testing.assert_array_equal(v_cache, expected_v)
-    n = filled + 1
-    single = (q.reshape(-1, HEAD_DIM), np.ascontiguousarray(expected_k[..., :n]).reshape(-1, HEAD_DIM, n),
-              np.ascontiguousarray(expected_v[:, :, :n]).reshape(-1, n, HEAD_DIM))
-    (alone,) = kernel_graphs[0].execute(*(Buffer.from_numpy(a) for a in single))
-    np.testing.assert_array_equal(out.to_numpy().reshape(-1, HEAD_DIM), alone.to_numpy())
+    for row, at in enumerate(filled):
+        n = at + 1
+        single = (q[row], np.ascontiguousarray(expected_k[row, ..., :n]), np.ascontiguousarray(expected_v[row, :, :n]))
+        (alone,) = kernel_graphs[0].execute(*(Buffer.from_numpy(a) for a in single))
+        np.testing.assert_array_equal(out.to_numpy()[row], alone.to_numpy(), err_msg=f"row {row}")
 
 
-def test_cached_query_attention_refuses_a_position_past_the_cache(kernel_graphs):
+@pytest.mark.parametrize("positions", [[4], [0, 4], [-1]])
+def test_cached_query_attention_refuses_a_position_past_the_cache(kernel_graphs, positions):
     from max.driver import Buffer
 
-    arrays = (np.zeros((1, HEADS, HEAD_DIM, 4), np.float32), np.zeros((1, HEADS, 4, HEAD_DIM), np.float32),
-              *[np.zeros((1, HEADS, HEAD_DIM), np.float32)] * 3, np.array([4], np.int64))
+    rows = len(positions)
+    arrays = (np.zeros((rows, HEADS, HEAD_DIM, 4), np.float32), np.zeros((rows, HEADS, 4, HEAD_DIM), np.float32),
+              *[np.zeros((rows, HEADS, HEAD_DIM), np.float32)] * 3, np.array(positions, np.int64))
     with pytest.raises(Exception, match="position outside the cache"):
         kernel_graphs[3].execute(*(Buffer.from_numpy(a) for a in arrays))
 

@@ -70,6 +70,42 @@ def test_probabilities_equal_faster_whispers(audio):
         assert np.array_equal(ours, theirs)
 
 
+def _blocks(samples: np.ndarray, sizes):
+    """The samples cut into blocks of the given sizes in turn (the last takes what is left)."""
+    at, i = 0, 0
+    while at < len(samples):
+        size = sizes[i % len(sizes)]
+        yield samples[at: at + size]
+        at, i = at + size, i + 1
+
+
+@pytest.mark.parametrize("sizes", [[16000 * 30], [512], [1000, 7, 65536, 512 * 10000], [512 * 10000 + 64]],
+                         ids=["30s", "512", "odd", "a run and a context"])
+def test_streamed_probabilities_equal_the_whole_audios(audio, sizes):
+    """Scored a block at a time (the server's uploads with vad_filter), across the 10000-window runs,
+    ending on and off whole windows: the same float32 probabilities as the whole audio at once."""
+    model = vad.load_vad_model()
+    long = np.tile(audio, 16)
+    for samples in (long, long[:512 * 10000], long[:512 * 10000 + 1], audio[:512 * 40], audio[:100]):
+        whole = model(samples)
+        streamed, n_samples = model.streamed(_blocks(samples, sizes))
+        assert n_samples == len(samples)
+        assert streamed.dtype == np.float32 and np.array_equal(streamed, whole), len(samples)
+
+
+@pytest.mark.parametrize("sizes", [[16000 * 30], [333], [1000, 4000, 1]], ids=["30s", "333", "odd"])
+def test_speech_blocks_join_into_collect_chunks_piece(audio, sizes):
+    for parameters in PARAMETERS:
+        chunks = vad.speech_timestamps(audio, vad.VadOptions.from_parameters(parameters))
+        streamed, n_samples = vad.streamed_speech_timestamps(_blocks(audio, sizes),
+                                                             vad.VadOptions.from_parameters(parameters))
+        assert streamed == chunks and n_samples == len(audio)
+        (piece,) = vad.collect_chunks(audio, chunks)
+        joined = list(vad.speech_blocks(_blocks(audio, sizes), chunks))
+        assert all(len(block) for block in joined)
+        assert np.array_equal(np.concatenate(joined) if joined else np.zeros(0, np.float32), piece.samples)
+
+
 @pytest.mark.parametrize("parameters", PARAMETERS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "defaults")
 def test_speech_timestamps_equal_faster_whispers(audio, parameters):
     ours = vad.speech_timestamps(audio, vad.VadOptions.from_parameters(parameters))
@@ -229,6 +265,39 @@ def test_transcribe_with_vad_filter_is_the_speech_transcribed(tiny_runtime, audi
         assert _inside_speech((word["start"] + word["end"]) / 2, chunks), (word, chunks)
     # the times moved: some segment lies past the first silence that was cut out
     assert max(s["end"] for s in timed) > chunks[1]["start"] / SR
+
+
+def test_vad_filter_on_a_file_streams_it_and_transcribes_the_same(tiny_runtime, audio, audio_file, monkeypatch):
+    """A file, bytes or a seekable file object with vad_filter is read twice as it decodes (the VAD,
+    then the speech into the log-mel), never loaded whole; a stream that cannot seek back is loaded.
+    Every route gives the transcription of the same samples in memory."""
+    import io
+
+    import runtime
+    import runtime.longform as longform
+
+    samples = load_audio(str(audio_file))
+    expected = runtime.transcribe(tiny_runtime, samples, vad_filter=True, **DECODE)
+    assert expected["segments"]
+    loads = []
+    monkeypatch.setattr(longform, "load_audio", lambda *a, **k: loads.append(a) or load_audio(*a, **k))
+
+    class Unseekable(io.RawIOBase):
+        def __init__(self, data):
+            self._data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            return self._data.readinto(buffer)
+
+    data = audio_file.read_bytes()
+    for source in (str(audio_file), data, io.BytesIO(data)):
+        assert runtime.transcribe(tiny_runtime, source, vad_filter=True, **DECODE) == expected
+    assert loads == []
+    assert runtime.transcribe(tiny_runtime, Unseekable(data), vad_filter=True, **DECODE) == expected
+    assert len(loads) == 1
 
 
 def test_transcribe_without_speech(tiny_runtime, layout):

@@ -96,8 +96,9 @@ def grouped_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue, kv
 def cached_query_attention(k_cache: BufferValue, v_cache: BufferValue, q: TensorValue, k: TensorValue,
                            v: TensorValue, position: TensorValue) -> TensorValue:
     """A decoder step's self-attention over a cache it extends in place: writes k [B, H, 64] into
-    k_cache [B, H, 64, C] and v [B, H, 64] into v_cache [B, H, C, 64] at `position` (int64 [1], < C),
-    then returns single_query_attention's result over the positions up to it -> [B, H, 64].
+    k_cache [B, H, 64, C] and v [B, H, 64] into v_cache [B, H, C, 64] at each row's `position`
+    (int64 [B], < C), then returns single_query_attention's result over the row's positions up to
+    its own -> [B, H, 64]. Rows at different positions (requests joined at different times) step together.
 
     float32; CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
     """

@@ -315,9 +315,10 @@ struct GroupedQueryAttention:
 
 # Self-attention of a decoder step over a cache updated in place.
 #
-#   k_cache[b, h, :, p] = k[b, h, :]; v_cache[b, h, p, :] = v[b, h, :]   (p = position[0])
+#   k_cache[b, h, :, p] = k[b, h, :]; v_cache[b, h, p, :] = v[b, h, :]   (p = position[b])
 #   out[b, h, :] = softmax(scale * q[b, h, :] @ k_cache[b, h, :, :p + 1]) @ v_cache[b, h, :p + 1, :]
-#   q, k, v [B, H, 64]; k_cache [B, H, 64, C] (keys transposed), v_cache [B, H, C, 64]; p < C
+#   q, k, v [B, H, 64]; k_cache [B, H, 64, C] (keys transposed), v_cache [B, H, C, 64]; p < C;
+#   position int64 [B]: each row its own, so rows of different lengths share a step
 #
 # Returning the grown cache from the graph (a concat per layer) copied the whole cache every step
 # into freshly allocated memory: at 300 positions and 5 beams that copy cost more than the rest of
@@ -326,7 +327,8 @@ struct GroupedQueryAttention:
 # that holds exactly p + 1 positions.
 @register("cached_query_attention")
 struct CachedQueryAttention:
-    """Appends one position to each row's cache in place and attends over the filled positions."""
+    """Appends one position to each row's cache in place (at that row's own position, so rows of
+    different lengths step together) and attends over the row's filled positions."""
 
     @staticmethod
     def execute[
@@ -353,9 +355,13 @@ struct CachedQueryAttention:
             raise Error("cached_query_attention: cache shape mismatch")
         if k.dim_size(0) != B or k.dim_size(1) != H or v.dim_size(0) != B or v.dim_size(1) != H:
             raise Error("cached_query_attention: shape mismatch")
-        var p = Int(position.unsafe_ptr()[unsafe_offset=0])
-        if p < 0 or p >= C or p >= MAX_POSITIONS:
-            raise Error("cached_query_attention: position outside the cache")
+        if position.dim_size(0) != B:
+            raise Error("cached_query_attention: one position per row expected")
+        var pp = position.unsafe_ptr()
+        for b in range(B):
+            var at = Int(pp[unsafe_offset=b])
+            if at < 0 or at >= C or at >= MAX_POSITIONS:
+                raise Error("cached_query_attention: position outside the cache")
         var scale = Float32(0.125)  # 1 / sqrt(64)
         var qp = q.unsafe_ptr()
         var knp = k.unsafe_ptr()
@@ -370,6 +376,7 @@ struct CachedQueryAttention:
         def work(tid: Int) raises {var}:
             var r1 = min((tid + 1) * rows_per, R)
             for r in range(tid * rows_per, r1):
+                var p = Int(pp[unsafe_offset=r // H])  # this row's own position
                 for d in range(HEAD_DIM):
                     kp.unsafe_store(r * HEAD_DIM * C + d * C + p, knp[unsafe_offset=r * HEAD_DIM + d])
                 comptime for c in range(NVD):
