@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from audio_samples import synthesize_speech
 from conftest import run_tool
@@ -112,6 +113,19 @@ def test_truncated_weights(isolated_copy, tiny_model_dir, short_speech, tmp_path
     result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
     assert_one_line_error(result, "truncated", "make convert")
     assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("shape,source,target", [((51865, 384), "float16", "float16"), ((1537, 130), "float16", "float32"),
+                                                  ((63, 5), "float32", "float32"), ((1, 7), "float16", "float16")])
+def test_blocked_transpose_is_numpys(shape, source, target):
+    """The load's weight transposes, copied a block of rows at a time: numpy's values, bit for bit."""
+    from runtime.engine import _transform
+
+    array = (np.random.default_rng(shape[0]).standard_normal(shape) * 3).astype(source)
+    ours = _transform(array, "transpose", target)
+    expected = np.ascontiguousarray(array.T, dtype=target)
+    assert ours.flags.c_contiguous and ours.dtype == expected.dtype and ours.shape == expected.shape
+    assert ours.tobytes() == expected.tobytes()
 
 
 def test_weights_checksum_mismatch(isolated_copy, tiny_model_dir, short_speech, tmp_path):
