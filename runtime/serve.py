@@ -9,9 +9,10 @@ whisper.transcribe()'s: greedy, the temperature fallback schedule, conditioning 
 `temperature` sets where the schedule starts, as the CLI's --temperature does.
 
 Each request transcribes in a thread of its own through runtime.longform, and every device call
-goes through runtime.scheduler, which decodes concurrent requests' windows as one batch where that
-cannot change a token. So a request's result is the one `runtime.transcribe` gives for that file
-alone with the same options. Load and faults:
+goes through runtime.scheduler, whose running batch of decoder rows takes the windows of concurrent
+requests as they come, where that cannot change a token. So a request's result is the one
+`runtime.transcribe` gives for that file alone with the same options. At most one request per core
+decodes its upload into the log-mel at a time. Load and faults:
 - at most --max-batch requests transcribe at once and --max-queue more wait; past that a request
   gets 429 with Retry-After before its upload is read;
 - an upload past --max-upload-mb gets 413: by its Content-Length before any of it is read, or as
@@ -30,6 +31,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -261,6 +263,11 @@ class Server:
         self.max_upload_bytes = max_upload_bytes
         self.scheduler = Scheduler(model, max_batch=max_batch)
         self.threads = ThreadPoolExecutor(max_workers=max_batch, thread_name_prefix="runtime-request")
+        # Requests that arrive together would each decode their upload and make its log-mel at once
+        # (about 25 MB each while it runs, all competing for the same cores): at most one per core
+        # does, the others wait their turn with their upload on disk.
+        self.preparing = threading.BoundedSemaphore(max(1, min(max_batch, len(os.sched_getaffinity(0))
+                                                               if hasattr(os, "sched_getaffinity") else 2)))
         self.stats = Stats()
         self.started = int(time.time())
 
@@ -491,7 +498,10 @@ class _Job:
             try:
                 # the upload (spooled to disk) is decoded block by block into the log-mel, which is kept
                 # on disk past a few minutes (runtime.longform): a long upload is never in memory whole
-                transcription = start_transcription(model, upload, self.parsed.options, decode_fn=model.decode)
+                with self.server.preparing:
+                    if self.cancel.is_set():
+                        raise Cancelled()
+                    transcription = start_transcription(model, upload, self.parsed.options, decode_fn=model.decode)
             except AudioError as exc:
                 message = str(exc).split(": ", 1)[-1]
                 raise RequestError(400, f"the file is not audio this server can decode: {message}",
