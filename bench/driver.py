@@ -87,6 +87,17 @@ def batch_rows(tokens):
         return 1
 
 
+def recorded(rec, fn):
+    """fn, each call one window of `rec` (a decode call: one window, or a batch of them)."""
+    def wrapper(*args, **kwargs):
+        t0 = rec.open_window()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            rec.close_window(t0)
+    return wrapper
+
+
 # --- implementations ------------------------------------------------------------------------
 
 def run_max(spec, rec):
@@ -175,23 +186,11 @@ def run_max(spec, rec):
     if hasattr(model, "row_batch"):
         orig_row_batch = model.row_batch
         model.row_batch = lambda *args, **kwargs: CountedRows(orig_row_batch(*args, **kwargs))
+    # decode: a window or a batch of them; decode_windows: the windows of a running batch
     orig_decode = decoding.decode
-
-    def decode(*args, **kwargs):
-        t0 = rec.open_window()
-        try:
-            return orig_decode(*args, **kwargs)
-        finally:
-            rec.close_window(t0)
-
+    decode = recorded(rec, orig_decode)
     orig_decode_windows = getattr(sys.modules.get("runtime.continuous"), "decode_windows", None)
-
-    def decode_windows(*args, **kwargs):  # the windows of a running batch: one record for all of them
-        t0 = rec.open_window()
-        try:
-            return orig_decode_windows(*args, **kwargs)
-        finally:
-            rec.close_window(t0)
+    decode_windows = recorded(rec, orig_decode_windows)
 
     for name, module in list(sys.modules.items()):
         if name == "runtime" or name.startswith("runtime."):
@@ -260,12 +259,7 @@ def run_openai(spec, rec):
     orig_encoder = model.encoder.forward
     orig_decoder = model.decoder.forward
 
-    def decode(mel, options):
-        t0 = rec.open_window()
-        try:
-            return orig_decode(mel, options)
-        finally:
-            rec.close_window(t0)
+    decode = recorded(rec, orig_decode)
 
     def encoder(*args, **kwargs):
         t0 = time.perf_counter()

@@ -5,33 +5,30 @@ from __future__ import annotations
 import click
 
 
-class OptionalFloat(click.ParamType):
-    """A number, or 'none' for None (openai-whisper's CLI spelling of "off")."""
+class _OptionalNumber(click.ParamType):
+    """A number of type `cast`, or 'none' for None (openai-whisper's CLI spelling of "off")."""
 
+    cast: type
+    noun: str
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, self.cast):
+            return value
+        if str(value).lower() == "none":
+            return None
+        try:
+            return self.cast(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is neither {self.noun} nor 'none'", param, ctx)
+
+
+class OptionalFloat(_OptionalNumber):
     name = "float|none"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, float):
-            return value
-        if str(value).lower() == "none":
-            return None
-        try:
-            return float(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
+    cast = float
+    noun = "a number"
 
 
-class OptionalInt(click.ParamType):
-    """An integer, or 'none' for None."""
-
+class OptionalInt(_OptionalNumber):
     name = "integer|none"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).lower() == "none":
-            return None
-        try:
-            return int(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is neither an integer nor 'none'", param, ctx)
+    cast = int
+    noun = "an integer"

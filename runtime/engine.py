@@ -389,20 +389,29 @@ class MaxDecoderSession:
 
     def _install(self, cache: list, capacity: int) -> None:
         """Makes the step's cache buffers from `cache` (its first self.length positions), with room
-        for `capacity` positions. Zero beyond them: the stock-ops step reads every position."""
+        for `capacity` positions."""
         m, n = self.model, self.length
         arrays = []
         for k_t, v in zip(cache[0::2], cache[1::2]):
-            room_k = np.zeros(k_t.shape[:3] + (capacity,), dtype=np.float32)
-            room_k[..., :n] = k_t[..., :n]
-            room_v = np.zeros(v.shape[:2] + (capacity,) + v.shape[3:], dtype=np.float32)
-            room_v[:, :, :n] = v[:, :, :n]
-            arrays += [room_k, room_v]
+            arrays += [_with_room(k_t, n, capacity, keys=True), _with_room(v, n, capacity, keys=False)]
         self.self_cache = [m._to_device(a) for a in arrays]
         self.capacity = capacity
         shares = m.target.device == "cpu" and all(
             np.shares_memory(a, b.to_numpy()) for a, b in zip(arrays, self.self_cache))
         self._host_cache = arrays if shares else None
+
+
+def _with_room(cache: np.ndarray, n: int, capacity: int, keys: bool) -> np.ndarray:
+    """A self-attention cache (keys k_t [rows, head, head_dim, positions] or values v [rows, head,
+    positions, head_dim]) with its first n positions in an array of `capacity` positions, zero
+    beyond them: the stock-ops step reads every position."""
+    axis = 3 if keys else 2
+    shape = list(cache.shape)
+    shape[axis] = capacity
+    room = np.zeros(shape, dtype=np.float32)
+    filled = (slice(None),) * axis + (slice(0, n),)
+    room[filled] = cache[filled]
+    return room
 
 
 def _rows(buffer, start: int, stop: int):
@@ -457,13 +466,8 @@ class MaxRowBatch:
         for pool, computed in zip(self.cross_pool, outputs[1 + 2 * n_layer:]):
             _rows(pool, cross_slot, cross_slot + 1).inplace_copy_from(computed)
         for i, computed in enumerate(outputs[1: 1 + 2 * n_layer]):
-            host = m._to_host(computed)[0]
-            room = np.zeros(self.self_pool[i].shape[1:], dtype=np.float32)
-            if i % 2 == 0:
-                room[..., :n] = host  # k_t [head, head_dim, n]
-            else:
-                room[:, :n] = host  # v [head, n, head_dim]
-            _rows(self.self_pool[i], row, row + 1).inplace_copy_from(m._to_device(room[None]))
+            room = _with_room(m._to_host(computed), n, m.dims.n_text_ctx, keys=i % 2 == 0)
+            _rows(self.self_pool[i], row, row + 1).inplace_copy_from(m._to_device(room))
         self.kv_rows.append(cross_slot)
         self.positions.append(n)
         self._step_inputs = None
