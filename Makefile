@@ -14,7 +14,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARTIFACTS ?= artifacts
 DEVICE ?= cpu
-ARCH ?= sm_90
+ARCH ?= sm_90a
 THREADS ?= 0
 DECODER_WEIGHTS ?= auto
 

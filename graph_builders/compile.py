@@ -17,7 +17,7 @@ from pathlib import Path
 from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, ContractError, atomic_write, read_manifest, read_model_json,
                        sha256_bytes, sha256_file, write_json)
 
-DEFAULT_GPU_ARCH = "sm_90"
+DEFAULT_GPU_ARCH = "sm_90a"  # what MAX names the H100 and H200 (driver.accelerator_architecture_name)
 DECODER_WEIGHTS = ("auto", "fp16", "fp32")
 
 

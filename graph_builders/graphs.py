@@ -294,9 +294,11 @@ class WhisperGraphs:
 
     def _embed(self, w: WeightSet, tokens: TensorValue, positions: TensorValue) -> TensorValue:
         d = self.dims
+        # The tokens' columns of the output projection's (state, vocab) copy of the embedding: one
+        # copy of the largest weight instead of two (base: 53 MB less; a gather costs microseconds).
         dtype = DType.float16 if self.fp16_weights else DType.float32
-        table = w.get("decoder.token_embedding.weight", (d["n_vocab"], d["n_text_state"]), dtype=dtype)
-        tok = ops.cast(ops.gather(table, tokens, axis=0), DType.float32)
+        table = w.get("decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"]), "transpose", dtype)
+        tok = ops.cast(ops.permute(ops.gather(table, tokens, axis=1), [1, 2, 0]), DType.float32)
         pos = ops.gather(w.get("decoder.positional_embedding", (d["n_text_ctx"], d["n_text_state"])), positions, axis=0)
         return tok + pos
 

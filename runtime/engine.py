@@ -7,6 +7,7 @@ mismatch is an ArtifactError naming the command that rebuilds what is wrong.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -21,6 +22,9 @@ from .audio import AudioError, load_mel_filters
 from .inference import ModelDimensions
 
 GRAPHS = ("encoder", "decoder_prefill", "decoder_step", "decoder_alignment")
+# Read and initialized on first use, not at load: only word timestamps run it, and an initialized
+# graph holds its file's pages and its own buffers (base: 72 MB of resident memory, tiny.en 32 MB).
+ON_FIRST_USE = ("decoder_alignment",)
 
 
 class ArtifactError(Exception):
@@ -72,6 +76,17 @@ def _resolve_target(device: str) -> Target:
     if driver.accelerator_count() == 0:
         raise ArtifactError("--device gpu asked for, but no GPU is attached to this machine; use --device cpu")
     return Target("gpu", driver.accelerator_architecture_name())
+
+
+def _built_target(model_dir: Path, attached: Target) -> Target:
+    """The target whose artifacts run on the attached device: its own, else a base architecture's.
+    MAX names Hopper GPUs (H100, H200) sm_90a, the architecture with its arch-specific features;
+    artifacts compiled for plain sm_90 run there too (measured on an H200: the same tokens as on CPU)."""
+    if attached.device == "gpu" and attached.arch and attached.arch.endswith("a"):
+        base = Target("gpu", attached.arch[:-1])
+        if not (model_dir / attached.folder).is_dir() and (model_dir / base.folder).is_dir():
+            return base
+    return attached
 
 
 # MAX creates one CPU device per process, with one thread pool sized when it is first made; see
@@ -150,9 +165,10 @@ class WhisperModel:
             raise ArtifactError(f"{exc}; {fix_convert}") from None
 
         self.target = _resolve_target(device)
-        target_dir = self.model_dir / self.target.folder
         fix_compile = (f"run `make compile NAME={self.model_dir.name} DEVICE={self.target.device}"
                        + (f" ARCH={self.target.arch}`" if self.target.arch else "`"))
+        self.target = _built_target(self.model_dir, self.target)
+        target_dir = self.model_dir / self.target.folder
         try:
             manifest = read_manifest(target_dir, fix_compile)
         except ContractError as exc:
@@ -177,9 +193,11 @@ class WhisperModel:
                     path = target_dir / entry["file"]
                     if not path.is_file():
                         raise ArtifactError(f"{path} not found; {fix_compile}")
-                    graph_sha256[name] = pool.submit(sha256_file, path)
+                    if name not in ON_FIRST_USE:  # those are checked when they are read
+                        graph_sha256[name] = pool.submit(sha256_file, path)
                 weights_sha256 = pool.submit(sha256_file, weights_path)
-            self._load_graphs(manifest, target_dir, weights_path, threads, graph_sha256, fix_convert, fix_compile)
+            self._load_graphs(manifest, target_dir, weights_path, threads, graph_sha256 if verify_checksums else None,
+                              fix_convert, fix_compile)
             if weights_sha256 is not None and weights_sha256.result() != model["weights"]["sha256"]:
                 raise ArtifactError(f"{weights_path} does not match the sha256 recorded for it (corrupt or replaced); "
                                     f"{fix_convert}")
@@ -187,9 +205,10 @@ class WhisperModel:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _load_graphs(self, manifest: dict, target_dir: Path, weights_path: Path, threads: int | None,
-                     graph_sha256: dict, fix_convert: str, fix_compile: str) -> None:
+                     graph_sha256: dict | None, fix_convert: str, fix_compile: str) -> None:
+        """graph_sha256: each eagerly loaded graph's checksum (a future), None to skip the checks."""
         from max import driver
-        from max.engine import InferenceSession, read
+        from max.engine import InferenceSession
 
         limit_threads(threads)  # only when asked: it pins the whole process (see limit_threads)
         self._device = driver.CPU() if self.target.device == "cpu" else driver.Accelerator()
@@ -213,18 +232,45 @@ class WhisperModel:
         specs = {spec["name"]: spec for name in GRAPHS for spec in manifest["graphs"][name]["weights"]}
         bound = {name: graph_weight(spec) for name, spec in specs.items()}
         self.graphs = {}
+        self._unloaded = {}
         for name in GRAPHS:
             entry = manifest["graphs"][name]
-            if name in graph_sha256 and graph_sha256[name].result() != entry["sha256"]:
-                raise ArtifactError(f"{target_dir / entry['file']} does not match the sha256 recorded for it "
-                                    f"(corrupt or replaced); {fix_compile}")
             registry = {spec["name"]: bound[spec["name"]] for spec in entry["weights"]}
-            try:
-                compiled = read(target_dir / entry["file"])
-                self.graphs[name] = self.session.init(compiled, weights_registry=registry)
-            except (RuntimeError, ValueError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ArtifactError(f"cannot load {target_dir / entry['file']} ({first}); {fix_compile}") from None
+            if name in ON_FIRST_USE:
+                checksum = entry["sha256"] if graph_sha256 is not None else None
+                self._unloaded[name] = (target_dir / entry["file"], checksum, registry, fix_compile)
+            else:
+                if graph_sha256 is not None and graph_sha256[name].result() != entry["sha256"]:
+                    raise ArtifactError(f"{target_dir / entry['file']} does not match the sha256 recorded for it "
+                                        f"(corrupt or replaced); {fix_compile}")
+                self.graphs[name] = self._init_graph(target_dir / entry["file"], registry, fix_compile)
+        self._graph_lock = threading.Lock()
+
+    def _init_graph(self, path: Path, registry: dict, fix_compile: str):
+        from max.engine import read
+
+        try:
+            return self.session.init(read(path), weights_registry=registry)
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"cannot load {path} ({first}); {fix_compile}") from None
+
+    def _graph(self, name: str):
+        """A compiled graph; an ON_FIRST_USE one is checked against its sha256 and read on the first call."""
+        graph = self.graphs.get(name)
+        if graph is not None:
+            return graph
+        with self._graph_lock:
+            if name not in self.graphs:
+                path, checksum, registry, fix_compile = self._unloaded[name]
+                if not path.is_file():
+                    raise ArtifactError(f"{path} not found; {fix_compile}")
+                if checksum is not None and sha256_file(path) != checksum:
+                    raise ArtifactError(f"{path} does not match the sha256 recorded for it "
+                                        f"(corrupt or replaced); {fix_compile}")
+                self.graphs[name] = self._init_graph(path, registry, fix_compile)
+                del self._unloaded[name]
+            return self.graphs[name]
 
     def _check_manifest(self, manifest: dict, model: dict, fix: str) -> None:
         problems = []
@@ -285,7 +331,7 @@ class WhisperModel:
             raise ValueError(f"word alignment takes one window's features, got a batch of {audio_features.batch_size}")
         tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(1, -1))
         flat_heads = np.array([layer * self.dims.n_text_head + head for layer, head in heads], dtype=np.int64)
-        logits, scores = self.graphs["decoder_alignment"].execute(
+        logits, scores = self._graph("decoder_alignment").execute(
             self._to_device(tokens), self._to_device(flat_heads), audio_features.buffer)
         return self._to_host(logits), self._to_host(scores)
 

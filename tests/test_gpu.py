@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import run_tool
 
-ARCH = "sm_90"
+ARCH = "sm_90a"  # the default: what MAX names the H100 and H200
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +35,21 @@ def test_cross_compiled_gpu_artifacts(gpu_model_dir):
         # same weights contract as the CPU build; a different target gives a different signature
         assert graph["weights"] == cpu_manifest["graphs"][name]["weights"]
         assert graph["signature"] != cpu_manifest["graphs"][name]["signature"]
+
+
+@pytest.mark.parametrize("built,attached,used", [
+    (["gpu-sm_90"], "sm_90a", "sm_90"),  # artifacts built for the base architecture (the old default)
+    (["gpu-sm_90", "gpu-sm_90a"], "sm_90a", "sm_90a"),
+    ([], "sm_90a", "sm_90a"),  # none: the error then names the attached architecture's make compile
+    (["gpu-sm_90"], "sm_80", "sm_80"),
+])
+def test_artifacts_of_the_base_architecture_run_on_its_a_variant(tmp_path, built, attached, used):
+    from runtime.engine import Target, _built_target
+
+    for folder in built:
+        (tmp_path / folder).mkdir()
+    assert _built_target(tmp_path, Target("gpu", attached)) == Target("gpu", used)
+    assert _built_target(tmp_path, Target("cpu", None)) == Target("cpu", None)
 
 
 def test_second_gpu_compile_does_nothing(gpu_model_dir):

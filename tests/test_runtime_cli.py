@@ -162,6 +162,19 @@ def test_corrupt_mef(isolated_copy, tiny_model_dir, short_speech, tmp_path):
     assert_one_line_error(result, "decoder_step.mef", "make compile")
 
 
+def test_corrupt_alignment_graph_fails_word_timestamps_alone(isolated_copy, tiny_model_dir, short_speech, tmp_path):
+    # the word-alignment graph is read on first use (runtime.engine.ON_FIRST_USE), and checked then
+    model = isolated_copy(tiny_model_dir)
+    mef = model / "cpu" / "decoder_alignment.mef"
+    mef.write_bytes(mef.read_bytes()[:1000])
+    transcribe_cli(model, short_speech, tmp_path / "plain")
+    assert (tmp_path / "plain" / f"{short_speech.stem}.txt").is_file()
+    # --verbose True prints segments to stdout, not a progress bar to stderr
+    result = transcribe_cli(model, short_speech, tmp_path / "words", "--word-timestamps", "True", "--verbose", "True",
+                            check=False)
+    assert_one_line_error(result, "decoder_alignment.mef", "does not match the sha256", "make compile")
+
+
 def test_not_compiled_says_which_make_compile(isolated_copy, tiny_model_dir, short_speech, tmp_path):
     import shutil
 
