@@ -172,9 +172,13 @@ def transcribe_batch(
                 decoded = decode_windows(model, [c.mel for c in group], options, tokenizer_path=tokenizer_path,
                                          max_rows=batch_size)
             else:
+                # beam search's beams and best-of's samples are decoder rows too: batch_size rows a batch
+                # (at least one window), not batch_size windows of best_of rows each (whose caches and
+                # logits, 8 x 5 rows, were the peak of a batch of base's windows)
+                windows = max(1, batch_size // _rows_per_window(options))
                 decoded = []
-                for start in range(0, len(group), batch_size):
-                    decoded += decode(model, np.stack([c.mel for c in group[start:start + batch_size]]), options,
+                for start in range(0, len(group), windows):
+                    decoded += decode(model, np.stack([c.mel for c in group[start:start + windows]]), options,
                                       tokenizer_path=tokenizer_path, rng=rng)
             for chunk, result in zip(group, decoded):
                 chunk.result = result
@@ -200,6 +204,15 @@ def transcribe_batch(
             restore_timestamps(output, speech[index])  # from the joined speech to the input's timeline
         outputs.append(output)
     return outputs
+
+
+def _rows_per_window(options) -> int:
+    """Decoder rows one window takes: its beams, its best-of samples, or one."""
+    if options.beam_size is not None:
+        return options.beam_size
+    if options.temperature > 0 and options.best_of is not None:
+        return options.best_of
+    return 1
 
 
 def batched_vad_options(parameters: Union[None, dict, VadOptions]) -> VadOptions:

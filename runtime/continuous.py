@@ -128,6 +128,7 @@ def decode_windows(model, mels, options: DecodingOptions, *, tokenizer_path=None
     `max_rows` at a time, ahead of the rows that take them. Each result is decode()'s for that
     window alone. Needs options that join (see `joins`) and a model with row batches."""
     decoder = ContinuousDecoder(model, max_rows)
+    decoder.batch.reserve(min(max_rows, len(mels)))  # the rows it will use, at once and until the end
     results: List[DecodingResult] = [None] * len(mels)  # type: ignore[list-item]
     encoded: List[Tuple[int, Any]] = []  # (window, its features) waiting for a row
     upcoming = 0

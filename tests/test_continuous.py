@@ -65,6 +65,29 @@ def test_rows_that_join_a_running_batch_decode_as_alone(real_tiny_en_runtime, wi
     assert len(batch.batch) == 0 and batch.batch.slots == 0  # idle: the pools are given back
 
 
+def test_reserved_rows_are_made_at_once_and_kept_while_idle(real_tiny_en_runtime, windows, alone):
+    # decode_windows reserves the rows it will use: one pool of that size, not 1, 2, 4 slots in turn
+    batch = real_tiny_en_runtime.row_batch(max_rows=4)
+    batch.reserve(9)
+    assert batch.slots == 4 and len(batch) == 0
+    pools = [id(pool) for pool in batch.cross_pool]
+    features = real_tiny_en_runtime.encode(windows[0][None])
+    batch.join(features, [50257, 50362], [1])
+    assert [id(pool) for pool in batch.cross_pool] == pools  # joining did not grow them
+    batch.leave(0)
+    assert batch.slots == 4 and [id(pool) for pool in batch.cross_pool] == pools  # kept while idle
+
+
+def test_decode_windows_equals_decode_alone(real_tiny_en_runtime, windows, alone):
+    from runtime.continuous import decode_windows
+
+    model = real_tiny_en_runtime
+    picked = [i for i in range(len(windows)) if OPTIONS[i % len(OPTIONS)] == OPTIONS[0]]
+    results = decode_windows(model, [windows[i] for i in picked], OPTIONS[0], max_rows=2)
+    for i, result in zip(picked, results):
+        assert same(result, alone[i]), i
+
+
 def test_the_scheduler_batches_concurrent_windows_and_each_gets_its_own(real_tiny_en_runtime, windows, alone):
     """Threads decode through one scheduler, as the server's requests do: single windows, a batch
     of windows, audio features; every result as decode() gives it alone."""

@@ -39,6 +39,16 @@ def test_encoder_matches_torch(tiny_runtime, inputs, reference):
     assert np.abs(ours - reference[0]).max() < TOLERANCE
 
 
+def test_a_batch_is_encoded_as_its_windows_alone(tiny_runtime, inputs):
+    # on CPU the engine runs a batch's windows one at a time (their attention scores are not held
+    # together): the same numbers as encoding each window by itself
+    both = tiny_runtime.encode(inputs[0])
+    assert both.batch_size == 2
+    for i in range(2):
+        alone = tiny_runtime.encode(inputs[0][i:i + 1]).buffer.to_numpy()
+        assert np.array_equal(both.row(i).buffer.to_numpy(), alone)
+
+
 def _prefill_then_steps_match_torch(model, inputs, reference):
     mel, tokens = inputs
     session = model.decoder(model.encode(mel))
