@@ -91,8 +91,8 @@ def transcribe_batch(
     """Transcribe several inputs at once; returns one whisper.transcribe-style dict per input.
 
     audios: file paths (anything ffmpeg reads) or float32 16 kHz mono samples. batch_size: decoder
-    rows per batch, a chunk's beams or best-of samples counted as rows (at least one chunk a batch). decode_options: fields of DecodingOptions (language, task, without_timestamps,
-    beam_size ...). The language, when not given, is detected per input on its first 30 s (of its
+    rows per batch, a chunk's beams or best-of samples counted as rows (at least one chunk a batch).
+    decode_options: fields of DecodingOptions (language, task, without_timestamps, beam_size ...). The language, when not given, is detected per input on its first 30 s (of its
     speech, with vad_filter). vad_filter: batch the speech chunks Silero VAD finds instead of the 30 s
     grid; vad_parameters: runtime.vad.VadOptions' fields (faster-whisper's names).
     """

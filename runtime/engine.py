@@ -318,8 +318,8 @@ class WhisperModel:
             (features,) = encoder.execute(self._to_device(mel))
             return MaxAudioFeatures(features, mel.shape[0])
         # On CPU, one window at a time: the same numbers (each window is computed on its own either
-        # way), ~7% more time, but a batch of 8 would hold its attention scores, [8, head, 1500,
-        # 1500] fp32 (base: 576 MB), all at once.
+        # way) for about 7% more encoder time (tiny.en), where a batch of 8 would hold its attention
+        # scores, [8, head, 1500, 1500] fp32 (base: 576 MB), all at once.
         features = np.empty((mel.shape[0], self.dims.n_audio_ctx, self.dims.n_audio_state), dtype=np.float32)
         for i in range(mel.shape[0]):
             (window,) = encoder.execute(self._to_device(mel[i:i + 1]))
@@ -565,7 +565,7 @@ class MaxRowBatch:
     def reserve(self, rows: int) -> None:
         """Makes the pools hold `rows` rows (at most max_rows) now, and keeps them while idle: for a
         caller that knows how many windows come. Growing 1, 2, 4, 8 slots instead leaves MAX's
-        allocator holding the smaller pools' memory (base's 4 x 154 s batch: 85 MB more at the peak)."""
+        allocator holding the smaller pools' memory (base's 4 x 154 s batch: about 80 MB more at the peak)."""
         self._kept_slots = min(rows, self.max_rows)
         self._reserve(self._kept_slots)
 
@@ -589,8 +589,8 @@ class MaxRowBatch:
 
         self_shapes = [(d.n_text_head, head_dim, d.n_text_ctx), (d.n_text_head, d.n_text_ctx, head_dim)]
         cross_shapes = [(d.n_text_head, head_dim, d.n_audio_ctx), (d.n_text_head, d.n_audio_ctx, head_dim)]
-        # one pool at a time, each old one released as soon as it is copied: the old and the new
-        # pools are never all held together (base, 4 -> 8 slots: 190 MB more at the peak)
+        # one pool at a time, each old one released as soon as it is copied: the old pools are never
+        # all held beside the new ones (base, 4 -> 8 slots: the old ones are 190 MB)
         for pools, shapes in ((self.self_pool, self_shapes), (self.cross_pool, cross_shapes)):
             if not pools:
                 pools.extend([None] * (2 * d.n_text_layer))
