@@ -31,7 +31,7 @@ import numpy as np
 from runtime.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, load_mel_filters, \
     log_mel_spectrogram, pad_or_trim
 from runtime.continuous import decode_windows, joins
-from runtime.decoding import DecodingError, DecodingResult, decode, detect_language
+from runtime.decoding import DecodingError, DecodingResult, decode, detect_language, rows_per_audio
 from runtime.inference import Inference
 from runtime.longform import check_decode_options, is_silent, needs_fallback, split_window
 from runtime.options import options_at_temperature
@@ -175,7 +175,7 @@ def transcribe_batch(
                 # beam search's beams and best-of's samples are decoder rows too: batch_size rows a batch
                 # (at least one window), not batch_size windows of best_of rows each (whose caches and
                 # logits, 8 x 5 rows, were the peak of a batch of base's windows)
-                windows = max(1, batch_size // _rows_per_window(options))
+                windows = max(1, batch_size // rows_per_audio(options))
                 decoded = []
                 for start in range(0, len(group), windows):
                     decoded += decode(model, np.stack([c.mel for c in group[start:start + windows]]), options,
@@ -204,15 +204,6 @@ def transcribe_batch(
             restore_timestamps(output, speech[index])  # from the joined speech to the input's timeline
         outputs.append(output)
     return outputs
-
-
-def _rows_per_window(options) -> int:
-    """Decoder rows one window takes: its beams, its best-of samples, or one."""
-    if options.beam_size is not None:
-        return options.beam_size
-    if options.temperature > 0 and options.best_of is not None:
-        return options.best_of
-    return 1
 
 
 def batched_vad_options(parameters: Union[None, dict, VadOptions]) -> VadOptions:

@@ -622,6 +622,11 @@ def verify_options(options: DecodingOptions) -> DecodingOptions:
     return options
 
 
+def rows_per_audio(options: DecodingOptions) -> int:
+    """Decoder rows one audio takes: its beams, its best-of samples, or one."""
+    return options.beam_size or options.best_of or 1
+
+
 class DecodingTask:
     """Decoding of a batch of windows with one set of options (openai-whisper's DecodingTask)."""
 
@@ -637,7 +642,7 @@ class DecodingTask:
         except TokenizerError as e:
             raise DecodingError(str(e)) from e
 
-        self.n_group: int = options.beam_size or options.best_of or 1
+        self.n_group: int = rows_per_audio(options)
         self.n_ctx: int = model.dims.n_text_ctx
         self.sample_len: int = options.sample_len or model.dims.n_text_ctx // 2
 

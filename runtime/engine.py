@@ -598,4 +598,3 @@ class MaxRowBatch:
                 pools[i] = grown(pools[i], shapes[i % 2])
         self._free_cross = list(range(slots - 1, self.slots - 1, -1)) + self._free_cross
         self.slots = slots
-        self._step_inputs = None
