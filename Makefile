@@ -4,6 +4,7 @@
 #   make test                               set up and run the tests
 #   make transcribe AUDIO=f.mp3 MODEL=tiny  download (openai's, or for tiny.en/base the registry package), convert, compile, transcribe
 #   make transcribe AUDIO=f.mp3 CHECKPOINT=path [NAME=mymodel]   the same from a local .pt, faster-whisper or Hugging Face folder
+#   DECODER_WEIGHTS=int8 with compile/transcribe: the decoder's int8 build (CPU; faster, not openai-whisper's exact tokens)
 #
 # Every stage runs only when its inputs changed: the stamp of a stage is the file it writes last
 # (model.json, manifest.json), and the tools themselves skip work that is already current.
@@ -75,7 +76,8 @@ export-onnx: setup
 
 transcribe: compile
 	@if [ -z "$(AUDIO)" ]; then echo "error: say which audio: AUDIO=file" >&2; exit 2; fi
-	$(VENV)/bin/runtime transcribe $(AUDIO) --model $(MODEL_DIR) --device $(DEVICE) --threads $(THREADS) --output-dir $(OUT)
+	$(VENV)/bin/runtime transcribe $(AUDIO) --model $(MODEL_DIR) --device $(DEVICE) --threads $(THREADS) --output-dir $(OUT) \
+	    $(if $(filter int8,$(DECODER_WEIGHTS)),--compute-type int8)
 
 # The main job: openai's tiny.en (openai's download, or offline the registry package that ships it, pinned by
 # sha256) transcribes a paragraph espeak-ng reads, and the transcript's word error rate against that paragraph.

@@ -102,9 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="artifact folder name for the checkpoint (default: bench-<checkpoint stem>)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root")
     p.add_argument("--sample-len", type=int, default=220, help="tokens decoded per 30 s window")
-    p.add_argument("--impls", default="max,openai,faster-whisper,faster-whisper-int8",
-                   help="comma-separated subset of max, openai, faster-whisper (CT2 float32), faster-whisper-int8 "
-                        "(real workloads only)")
+    p.add_argument("--impls", default="max,max-int8,openai,faster-whisper,faster-whisper-int8",
+                   help="comma-separated subset of max, max-int8 (this project's int8 decoder build; real workloads "
+                        "only), openai, faster-whisper (CT2 float32), faster-whisper-int8 (real workloads only)")
     p.add_argument("--batched", action=argparse.BooleanOptionalAction, default=True,
                    help="random workload: also measure runtime.transcribe_batch (BATCH_FILES copies of the audio)")
     p.add_argument("--batch-size", type=int, default=8,
@@ -517,7 +517,7 @@ def main(argv=None) -> None:
     for sub in ("runs", "logs"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
-    unknown = set(wanted) - {"max", "openai", "faster-whisper", "faster-whisper-int8"}
+    unknown = set(wanted) - {"max", "max-int8", "openai", "faster-whisper", "faster-whisper-int8"}
     if unknown:
         sys.exit(f"bench: unknown implementation(s) {', '.join(sorted(unknown))}")
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -554,7 +554,7 @@ def main(argv=None) -> None:
         from bench import real as real_bench
 
         pythons = {"max": sys.executable, "openai": openai_python, "fw": peers_python}
-        real_wanted = [i for i in wanted if i in ("max", "openai") or (i.startswith("faster-whisper")
+        real_wanted = [i for i in wanted if i in ("max", "max-int8", "openai") or (i.startswith("faster-whisper")
                                                                       and peers.get("faster_whisper"))]
         blocks = real_bench.run_real(args, real_wanted, pythons, out_dir, run_child, run_checked, venv_tool,
                                      audio_duration, Impl)

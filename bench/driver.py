@@ -121,7 +121,8 @@ def run_max(spec, rec):
 
     versions = {"max": _version("max"), "numpy": _version("numpy")}
     t = time.perf_counter()
-    model = runtime.load_model(spec["model"], device=spec.get("device", "cpu"), threads=spec["threads"])
+    model = runtime.load_model(spec["model"], device=spec.get("device", "cpu"), threads=spec["threads"],
+                               compute_type=spec.get("compute_type", "exact"))
     load_s = time.perf_counter() - t
 
     # the runtime.inference protocol, wrapped on this instance: encode(mel) once per window,

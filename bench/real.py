@@ -3,7 +3,9 @@
 Models: openai's tiny.en and base as faster-whisper (CTranslate2, float16) folders. This project converts
 and compiles them (converter convert --checkpoint FOLDER); faster-whisper runs the very same folder
 (compute_type float32 and int8); openai-whisper runs the same weights as a `.pt` written from the
-converted artifacts (weights.safetensors + model.json's dims) into OUT_DIR/models/.
+converted artifacts (weights.safetensors + model.json's dims) into OUT_DIR/models/. `max-int8` is this
+project's int8 decoder build of the same artifacts (compute type int8, not exact: its tokens are reported
+against openai-whisper's with its WER, not gated).
 
 Workloads (each with every implementation's spelling of the same settings):
 - api: whisper.transcribe()'s defaults: greedy, temperature fallback (0, 0.2 ... 1.0, best_of 5 when
@@ -47,6 +49,8 @@ JFK_TEXT = ("And so my fellow Americans, ask not what your country can do for yo
 
 LABELS = {
     "max": "this project (MAX)", "max-batched": "this project, transcribe_batch",
+    "max-int8": "this project, int8 decoder (not exact)",
+    "max-int8-batched": "this project, int8 decoder, transcribe_batch (not exact)",
     "openai": "openai-whisper (torch fp32)", "faster-whisper": "faster-whisper (CT2 float32)",
     "faster-whisper-int8": "faster-whisper (CT2 int8)",
     "faster-whisper-batched": "faster-whisper BatchedInferencePipeline (float32)",
@@ -85,9 +89,10 @@ def find_ct2(name: str) -> Optional[Path]:
     return None
 
 
-def prepare_model(name: str, artifacts_root: Path, out_dir: Path, run_checked, venv_tool) -> Model:
+def prepare_model(name: str, artifacts_root: Path, out_dir: Path, run_checked, venv_tool, int8: bool = False) -> Model:
     """The CTranslate2 folder (fetched by `converter convert --model NAME` when not here), converted and
-    compiled (both skip when up to date), and the openai-format .pt written from the artifacts."""
+    compiled (both skip when up to date; with int8 also the int8 decoder build), and the openai-format .pt
+    written from the artifacts."""
     ct2 = find_ct2(name)
     if ct2 is None:
         run_checked(venv_tool("converter") + ["convert", "--model", name, "--out-dir", artifacts_root],
@@ -99,6 +104,9 @@ def prepare_model(name: str, artifacts_root: Path, out_dir: Path, run_checked, v
                 f"converting {name}")
     run_checked(venv_tool("graph-builders") + ["compile", artifacts_root / name, "--device", "cpu"],
                 f"compiling {name}")
+    if int8:
+        run_checked(venv_tool("graph-builders") + ["compile", artifacts_root / name, "--device", "cpu",
+                                                   "--decoder-weights", "int8"], f"compiling {name} (int8 decoder)")
     artifacts = (artifacts_root / name).resolve()
     checkpoint = out_dir / "models" / f"{name}.pt"
     write_checkpoint(artifacts, checkpoint)
@@ -206,8 +214,8 @@ def workload_impls(workload: str, wanted: List[str]) -> List[str]:
     """Implementation names of a workload, in table order."""
     out = []
     for impl in wanted:
-        if impl == "max":
-            out.append("max-batched" if workload == "batch" else "max")
+        if impl in ("max", "max-int8"):
+            out.append(f"{impl}-batched" if workload == "batch" else impl)
         elif impl == "openai":
             out.append("openai")
         elif impl in FW_IMPLS:
@@ -221,6 +229,8 @@ def impl_spec(impl: str, model: Model, workload: str, audio: Audio, args) -> dic
     spec = {"audios": files}
     if impl.startswith("max"):
         spec["model"] = str(model.artifacts)
+        if impl.startswith("max-int8"):
+            spec["compute_type"] = "int8"
         if workload == "batch":
             spec["decode_batch_size"] = args.batch_size
     elif impl == "openai":
@@ -370,7 +380,7 @@ def run_real(args, wanted: List[str], pythons: Dict[str, str], out_dir: Path, ru
     audios = resolve_audios(args.audio or "lecture,long", out_dir, args.synth_seconds, duration_of)
     blocks: List[dict] = []
     for name in models:
-        model = prepare_model(name, args.artifacts, out_dir, run_checked, venv_tool)
+        model = prepare_model(name, args.artifacts, out_dir, run_checked, venv_tool, int8="max-int8" in wanted)
         print(f"model {name}: ct2 {model.ct2}\n  artifacts {model.artifacts}\n  openai .pt {model.checkpoint}",
               flush=True)
         for audio in audios:

@@ -24,6 +24,15 @@ MANIFEST_JSON = "manifest.json"
 MODEL_KEYS = ("name", "dims", "is_multilingual", "num_languages", "alignment_heads", "source", "weights",
               "tokenizer", "mel_filters")
 FIX_CONVERT = "run `make convert` for this model"
+# The runtime's compute types: "exact" runs the checkpoint's own values; "int8" the decoder's int8
+# build (`make compile DECODER_WEIGHTS=int8`, CPU only), kept in a folder of its own beside "cpu".
+COMPUTE_TYPES = ("exact", "int8")
+
+
+def target_folder(device: str, arch: str | None, compute_type: str = "exact") -> str:
+    """The folder under artifacts/<model>/ that holds one build: cpu, cpu-int8, gpu-<arch>."""
+    folder = "cpu" if device == "cpu" else f"gpu-{arch}"
+    return folder if compute_type == "exact" else f"{folder}-{compute_type}"
 
 
 class ContractError(Exception):

@@ -15,18 +15,20 @@ from importlib.metadata import version
 from pathlib import Path
 
 from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, ContractError, atomic_write, read_manifest, read_model_json,
-                       sha256_bytes, sha256_file, write_json)
+                       sha256_bytes, sha256_file, target_folder, write_json)
 
 DEFAULT_GPU_ARCH = "sm_90a"  # what MAX names the H100 and H200 (driver.accelerator_architecture_name)
-DECODER_WEIGHTS = ("auto", "fp16", "fp32")
+DECODER_WEIGHTS = ("auto", "fp16", "fp32", "int8")
 
 
 class CompileError(Exception):
     """A one-line, user-facing reason why compilation cannot proceed."""
 
 
-def target_name(device: str, arch: str | None) -> str:
-    return "cpu" if device == "cpu" else f"gpu-{arch}"
+def target_name(device: str, arch: str | None, decoder_weights: str = "auto") -> str:
+    """int8 decoder weights are the runtime's compute type "int8", in a folder of their own; the other
+    choices are the exact build's (fp16 for an fp32 checkpoint is recorded as not exact)."""
+    return target_folder(device, arch, "int8" if decoder_weights == "int8" else "exact")
 
 
 def _describe(tensor_type) -> dict:
@@ -66,6 +68,7 @@ def decoder_weight_dtype(model: dict, decoder_weights: str) -> tuple[str, bool]:
     auto: fp16 where every checkpoint tensor is fp16 (openai's files: exact), fp32 otherwise.
     fp16: also for fp32 checkpoints (fine-tunes), rounded: half the bytes per token, other numerics.
     fp32: the plain path, on any checkpoint.
+    int8: the token rows' weights quantized per output column (never exact; graphs.py).
     """
     if decoder_weights not in DECODER_WEIGHTS:
         raise CompileError(f"unknown decoder weights {decoder_weights!r}; use one of {', '.join(DECODER_WEIGHTS)}")
@@ -74,6 +77,8 @@ def decoder_weight_dtype(model: dict, decoder_weights: str) -> tuple[str, bool]:
         return ("float16" if checkpoint_fp16 else "float32"), True
     if decoder_weights == "fp16":
         return "float16", checkpoint_fp16
+    if decoder_weights == "int8":
+        return "int8", False
     return "float32", True
 
 
@@ -85,11 +90,13 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     from .graphs import WhisperGraphs
 
     arch = None if device == "cpu" else (arch or DEFAULT_GPU_ARCH)
+    if decoder_weights == "int8" and device != "cpu":
+        raise CompileError("int8 decoder weights are a CPU option; compile them with --device cpu")
     model = load_model_json(artifact_dir)
     weights_path = artifact_dir / model["weights"]["file"]
     if not weights_path.is_file():
         raise CompileError(f"{weights_path} not found; run `make convert` again")
-    target = artifact_dir / target_name(device, arch)
+    target = artifact_dir / target_name(device, arch, decoder_weights)
     target.mkdir(parents=True, exist_ok=True)
     max_version = version("max")
 
@@ -98,8 +105,16 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     session = InferenceSession(devices=session_devices)
     weight_dtype, weights_exact = decoder_weight_dtype(model, decoder_weights)
     if not weights_exact:
-        log("decoder weights rounded to fp16: results may differ from the checkpoint's own (see README)")
-    builder = WhisperGraphs(model["dims"], graph_device, fp16_weights=weight_dtype == "float16")
+        log(f"decoder weights rounded to {'int8' if weight_dtype == 'int8' else 'fp16'}: results may differ "
+            "from the checkpoint's own (see README)")
+    # int8 keeps the audio's key and value projections (not read per token) as the exact build does
+    checkpoint_fp16 = decoder_weight_dtype(model, "auto")[0] == "float16"
+    try:
+        builder = WhisperGraphs(model["dims"], graph_device,
+                                fp16_weights=weight_dtype == "float16" or (weight_dtype == "int8" and checkpoint_fp16),
+                                int8_weights=weight_dtype == "int8")
+    except ValueError as exc:  # a model the int8 build cannot take
+        raise CompileError(str(exc)) from None
     built = builder.all()
     previous = _read_manifest(target)
     # The weights enter at init, so their values do not change a graph: its signature is its own

@@ -27,6 +27,13 @@ fp16 (as openai publishes them), the decoder keeps its weights in fp16: on CPU i
 matmuls go through a custom kernel that reads fp16 and accumulates in fp32 (kernels/), so the
 result is the fp32 product from half the bytes; elsewhere the weights are cast to fp32 in the
 graph. Both compute in fp32 on the checkpoint's exact values. The encoder keeps fp32 weights.
+
+int8 decoder weights (compiled on request only, CPU, never exact): the weights token rows read
+(every decoder linear but the cross-attention key and value projections of the audio, and the
+token embedding / output projection) are int8 with one fp32 scale per 64 input rows of each output
+column, read by the int8 kernel: a quarter of fp32's bytes, half of fp16's. One scale per whole
+column was measured too coarse for the embedding: base fell into a repetition loop at temperature 0
+on lecture-en.flac (a fallback each time), where groups of 64 keep it within 1% of the exact words.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ from dataclasses import asdict, dataclass
 from max.dtype import DType
 from max.graph import BufferType, BufferValue, DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
-from .kernels import (ATTENTION_HEAD_DIM, KERNELS_PATH, cached_query_attention, fp16_weight_matmul,
-                      grouped_query_attention, single_query_attention)
+from .kernels import (ATTENTION_HEAD_DIM, INT8_GROUP, KERNELS_PATH, cached_query_attention, fp16_weight_matmul,
+                      grouped_query_attention, int8_weight_matmul, single_query_attention)
 
 LAYER_NORM_EPS = 1e-5
 
@@ -48,9 +55,12 @@ class WeightSpec:
     """How a graph weight is made from a checkpoint tensor: the manifest's contract with the runtime.
 
     transform: "none" (as stored), "transpose" (2-D, (out, in) -> (in, out)),
-    "conv1d_rscf" ((out, in, k) -> (1, k, in, out), conv2d's filter layout).
+    "conv1d_rscf" ((out, in, k) -> (1, k, in, out), conv2d's filter layout),
+    "group_scale" (2-D (out, in) -> (in / 64, out): max |value| / 127 over each 64 inputs of an output,
+    the int8 scales of each output column's groups of 64 rows).
     The value is cast to `dtype` after the transform ("float32", or "float16": exact for tensors
-    stored as fp16, rounded when the user compiled an fp32 checkpoint with 16-bit decoder weights).
+    stored as fp16, rounded when the user compiled an fp32 checkpoint with 16-bit decoder weights),
+    or for "int8" with "transpose", quantized: round(value / its group's scale), (in, out).
     """
 
     name: str
@@ -92,15 +102,21 @@ class WhisperGraphs:
     """Builds the graphs for one model's dimensions on one device.
 
     fp16_weights: the decoder keeps fp16 weights (exact copies when every checkpoint tensor is fp16).
+    int8_weights: the decoder's token-row weights are int8 (CPU only; see the module's docstring).
     """
 
-    def __init__(self, dims: dict, device: DeviceRef, fp16_weights: bool = False):
+    def __init__(self, dims: dict, device: DeviceRef, fp16_weights: bool = False, int8_weights: bool = False):
+        if int8_weights and not device.is_cpu():
+            raise ValueError("int8 decoder weights are a CPU option")
+        if int8_weights and any(dims[k] % INT8_GROUP for k in ("n_text_state", "n_audio_state")):
+            raise ValueError(f"int8 decoder weights need state widths that are multiples of {INT8_GROUP}")
         self.dims = dims
         self.device = device
         self.fp16_weights = fp16_weights
-        # The custom kernels (kernels/) are CPU code: the fp16-weight matmul for fp16 decoder
-        # weights, single-query attention for every decoder step.
-        self.use_kernels = fp16_weights and device.is_cpu()
+        self.int8_weights = int8_weights
+        # The custom kernels (kernels/) are CPU code: the fp16- and int8-weight matmuls for narrow
+        # decoder weights, single-query attention for every decoder step.
+        self.use_kernels = (fp16_weights or int8_weights) and device.is_cpu()
         self.use_attention_kernel = device.is_cpu() and dims["n_text_state"] // dims["n_text_head"] == ATTENTION_HEAD_DIM
 
     @property
@@ -120,7 +136,12 @@ class WhisperGraphs:
         Decoder weights are fp16 when the checkpoint's are: on CPU the fp16 kernel reads them for
         token rows (a step's one per sequence, a prefill's prompt); for the audio's 1500 rows, and
         on GPU, they are cast to fp32 in the graph, once per window, for the stock matmul.
+        With int8 weights, token rows read int8 weights and their column scales instead.
         """
+        if decoder and self.int8_weights and not many_rows:
+            weight, scale = self._int8_weight(w, source, shape)
+            rows = ops.reshape(x, [-1, shape[0]])
+            return ops.reshape(int8_weight_matmul(rows, weight, scale), [*x.shape[:-1], shape[1]])
         if not (decoder and self.fp16_weights):
             return x @ w.get(source, shape, "transpose")
         weight = w.get(source, shape, "transpose", DType.float16)
@@ -128,6 +149,12 @@ class WhisperGraphs:
             return x @ ops.cast(weight, DType.float32)
         rows = ops.reshape(x, [-1, shape[0]])
         return ops.reshape(fp16_weight_matmul(rows, weight), [*x.shape[:-1], shape[1]])
+
+    @staticmethod
+    def _int8_weight(w: WeightSet, source: str, shape: tuple[int, int]) -> tuple[Weight, Weight]:
+        """`source` (out, in) as int8 (in, out) and its fp32 scales (in / 64, out)."""
+        return (w.get(source, shape, "transpose", DType.int8),
+                w.get(source, (shape[0] // INT8_GROUP, shape[1]), "group_scale"))
 
     def _linear(self, w: WeightSet, x: TensorValue, prefix: str, n_in: int, n_out: int, bias: bool = True,
                 many_rows: bool = False) -> TensorValue:
@@ -296,9 +323,17 @@ class WhisperGraphs:
         d = self.dims
         # The tokens' columns of the output projection's (state, vocab) copy of the embedding: one
         # copy of the largest weight instead of two (base: 53 MB less; a gather costs microseconds).
-        dtype = DType.float16 if self.fp16_weights else DType.float32
-        table = w.get("decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"]), "transpose", dtype)
-        tok = ops.cast(ops.permute(ops.gather(table, tokens, axis=1), [1, 2, 0]), DType.float32)
+        source, shape = "decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"])
+        if self.int8_weights:
+            table, scale = self._int8_weight(w, source, shape)
+            groups = shape[0] // INT8_GROUP
+            columns = ops.reshape(ops.cast(ops.gather(table, tokens, axis=1), DType.float32),
+                                  [groups, INT8_GROUP, *tokens.shape])  # [groups, 64, batch, n]
+            scaled = columns * ops.unsqueeze(ops.gather(scale, tokens, axis=1), 1)
+            tok = ops.permute(ops.reshape(scaled, [shape[0], *tokens.shape]), [1, 2, 0])
+        else:
+            table = w.get(source, shape, "transpose", DType.float16 if self.fp16_weights else DType.float32)
+            tok = ops.cast(ops.permute(ops.gather(table, tokens, axis=1), [1, 2, 0]), DType.float32)
         pos = ops.gather(w.get("decoder.positional_embedding", (d["n_text_ctx"], d["n_text_state"])), positions, axis=0)
         return tok + pos
 

@@ -10,14 +10,18 @@ from .longform import AudioSource, Transcription
 from .options import TranscribeOptions
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> WhisperModel:
+def load_model(model_dir: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+               compute_type: str = "exact") -> WhisperModel:
     """Load `artifacts/<name>` compiled for `device` ("cpu" or "gpu"); never compiles.
+
+    compute_type "exact" runs the checkpoint's own values (openai-whisper's tokens); "int8" the
+    decoder's int8 build (`make compile DECODER_WEIGHTS=int8`, CPU): faster, not token-identical.
 
     The process is left alone unless `threads` is given: then the whole process is pinned to that
     many CPUs, since MAX 26.7 sizes its one CPU thread pool from the process's CPU affinity and
     cannot size it per session (runtime.engine.limit_threads says why); only before the first model.
     """
-    return WhisperModel(model_dir, device=device, threads=threads)
+    return WhisperModel(model_dir, device=device, threads=threads, compute_type=compute_type)
 
 
 def transcribe(model: WhisperModel | str | os.PathLike, audio: AudioSource, **options) -> dict:

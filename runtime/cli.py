@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .click_types import OptionalFloat, OptionalInt
+from .click_types import OptionalFloat, OptionalInt, compute_type_option
 from .options import SUBTITLE_OPTIONS
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 
@@ -25,6 +25,7 @@ def main() -> None:
               help="artifact folder made by make convert and make compile, e.g. artifacts/tiny")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads; 0 lets MAX choose")
+@compute_type_option
 @click.option("--output-dir", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @click.option("--output-format", "-f", type=click.Choice(OUTPUT_FORMATS), default="all", show_default=True)
 @click.option("--verbose", type=bool, default=True, show_default=True,
@@ -99,7 +100,7 @@ def main() -> None:
               help="(requires --vad-filter) silence that ends a speech chunk [2000; 160 with --batch-size]")
 @click.option("--vad-speech-pad-ms", type=float, default=None,
               help="(requires --vad-filter) padding added to each side of a speech chunk [400]")
-def transcribe(audio, model_dir, device, threads, output_dir, output_format, verbose, task, language, temperature,
+def transcribe(audio, model_dir, device, compute_type, threads, output_dir, output_format, verbose, task, language, temperature,
                temperature_increment_on_fallback, best_of, beam_size, patience, length_penalty, suppress_tokens,
                initial_prompt, carry_initial_prompt,
                clip_timestamps, condition_on_previous_text, compression_ratio_threshold, logprob_threshold,
@@ -143,7 +144,7 @@ def transcribe(audio, model_dir, device, threads, output_dir, output_format, ver
     from .writers import get_writer
 
     try:
-        model = load_model(model_dir, device=device, threads=threads or None)
+        model = load_model(model_dir, device=device, threads=threads or None, compute_type=compute_type)
     except ArtifactError as exc:
         _fail(str(exc))
     write = None  # made on first use: a run that fails everywhere leaves no output folder behind
@@ -288,10 +289,11 @@ def _transcribe_batched(model, audio, batch_size: int, options: dict):
               help="artifact folder made by make convert and make compile, e.g. artifacts/tiny")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads; 0 lets MAX choose")
+@compute_type_option
 @click.option("--top", type=int, default=5, show_default=True, help="how many of the most probable languages to print")
 @click.option("--json", "as_json", is_flag=True,
               help="print every language's probability as JSON: [{audio, language, probabilities}, ...]")
-def detect_language_command(audio, model_dir, device, threads, top, as_json) -> None:
+def detect_language_command(audio, model_dir, device, compute_type, threads, top, as_json) -> None:
     """Detect the spoken language of AUDIO files from their first 30 s, as whisper.transcribe does."""
     import json
 
@@ -308,7 +310,7 @@ def detect_language_command(audio, model_dir, device, threads, top, as_json) -> 
     from .tokenizer import LANGUAGES, TokenizerError
 
     try:
-        model = load_model(model_dir, device=device, threads=threads or None)
+        model = load_model(model_dir, device=device, threads=threads or None, compute_type=compute_type)
     except ArtifactError as exc:
         _fail(str(exc))
     if not model.is_multilingual:

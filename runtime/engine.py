@@ -16,7 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from contracts import FIX_CONVERT, ContractError, read_manifest, read_model_json, sha256_file
+from contracts import (COMPUTE_TYPES, FIX_CONVERT, ContractError, read_manifest, read_model_json, sha256_file,
+                       target_folder)
 
 from .audio import AudioError, load_mel_filters
 from .inference import ModelDimensions
@@ -31,9 +32,16 @@ class ArtifactError(Exception):
     """A one-line, user-facing reason why artifacts cannot be used, with the command that fixes it."""
 
 
-def _transform(array: np.ndarray, transform: str, dtype) -> np.ndarray:
+def _transform(array: np.ndarray, transform: str, dtype, scale: np.ndarray | None = None) -> np.ndarray:
     """The weight transforms the manifest names (graph_builders/graphs.py, WeightSpec), as a
-    contiguous array of `dtype`."""
+    contiguous array of `dtype`. scale: the array's _group_scale where already known."""
+    if transform == "group_scale":
+        return _group_scale(array) if scale is None else scale
+    if dtype == "int8":
+        if transform != "transpose":
+            raise ArtifactError(f"the manifest asks for int8 weights made by {transform!r}; "
+                                "rebuild them with this version's make compile")
+        return _quantized_transpose(array, _group_scale(array) if scale is None else scale)
     if transform == "none":
         return np.ascontiguousarray(array, dtype=dtype)
     if transform == "transpose":
@@ -42,6 +50,36 @@ def _transform(array: np.ndarray, transform: str, dtype) -> np.ndarray:
         return np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=dtype)
     raise ArtifactError(f"the manifest asks for an unknown weight transform {transform!r}; "
                         "this runtime is older than the artifacts: rebuild them with this version's make compile")
+
+
+INT8_MAX = 127  # symmetric: -127..127, so a group's scale is max |value| / 127
+INT8_GROUP = 64  # inputs of an output that share one scale (graph_builders/kernels: the int8 kernel's GROUP)
+
+
+def _group_scale(array: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """The int8 scales of a 2-D (out, in) weight: max |value| / 127 over each 64 inputs of each output,
+    in fp32 (0 for a group of zeros), laid out (in / 64, out) as the kernel reads them."""
+    if array.ndim != 2 or array.shape[1] % INT8_GROUP:
+        raise ArtifactError(f"int8 weights need a 2-D tensor of a multiple of {INT8_GROUP} inputs, this one has "
+                            f"shape {list(array.shape)}; rebuild the artifacts with this version's make compile")
+    out, n_in = array.shape
+    scale = np.empty((n_in // INT8_GROUP, out), dtype=np.float32)
+    for first in range(0, out, rows):
+        block = array[first:first + rows].astype(np.float32).reshape(-1, n_in // INT8_GROUP, INT8_GROUP)
+        scale[:, first:first + rows] = (np.maximum(block.max(axis=2), -block.min(axis=2)) / INT8_MAX).T
+    return scale
+
+
+def _quantized_transpose(array: np.ndarray, scale: np.ndarray, rows: int = 64) -> np.ndarray:
+    """array.T rounded to int8: round(value / its group's scale), scale = _group_scale(array).
+    Blocked as _transposed, for the same reason."""
+    out_dim, n_in = array.shape
+    divisor = np.repeat(np.where(scale > 0, scale, 1).T, INT8_GROUP, axis=1)  # (out, in)
+    out = np.empty((n_in, out_dim), dtype=np.int8)
+    for first in range(0, out_dim, rows):
+        block = np.rint(array[first:first + rows].astype(np.float32) / divisor[first:first + rows])
+        out[:, first:first + rows] = np.clip(block, -INT8_MAX, INT8_MAX).T
+    return out
 
 
 def _transposed(array: np.ndarray, dtype, rows: int = 64) -> np.ndarray:
@@ -60,17 +98,22 @@ def _transposed(array: np.ndarray, dtype, rows: int = 64) -> np.ndarray:
 class Target:
     device: str  # "cpu" or "gpu"
     arch: str | None
+    compute_type: str = "exact"  # contracts.COMPUTE_TYPES
 
     @property
     def folder(self) -> str:
-        return "cpu" if self.device == "cpu" else f"gpu-{self.arch}"
+        return target_folder(self.device, self.arch, self.compute_type)
 
 
-def _resolve_target(device: str) -> Target:
+def _resolve_target(device: str, compute_type: str = "exact") -> Target:
     from max import driver
 
+    if compute_type not in COMPUTE_TYPES:
+        raise ArtifactError(f"unknown compute type {compute_type!r}; use one of {', '.join(COMPUTE_TYPES)}")
+    if compute_type == "int8" and device != "cpu":
+        raise ArtifactError("compute type int8 is a CPU build; use --device cpu")
     if device == "cpu":
-        return Target("cpu", None)
+        return Target("cpu", None, compute_type)
     if device != "gpu":
         raise ArtifactError(f"unknown device {device!r}; use cpu or gpu")
     if driver.accelerator_count() == 0:
@@ -145,7 +188,7 @@ class WhisperModel:
     """A loaded model: dims, tokenizer and mel assets, and the compiled graphs (runtime.engine.GRAPHS)."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                 verify_checksums: bool = True):
+                 verify_checksums: bool = True, compute_type: str = "exact"):
         self.model_dir = Path(model_dir)
         fix_convert = FIX_CONVERT
         try:
@@ -164,9 +207,10 @@ class WhisperModel:
         except AudioError as exc:
             raise ArtifactError(f"{exc}; {fix_convert}") from None
 
-        self.target = _resolve_target(device)
+        self.target = _resolve_target(device, compute_type)
         fix_compile = (f"run `make compile NAME={self.model_dir.name} DEVICE={self.target.device}"
-                       + (f" ARCH={self.target.arch}`" if self.target.arch else "`"))
+                       + (f" ARCH={self.target.arch}" if self.target.arch else "")
+                       + (" DECODER_WEIGHTS=int8`" if compute_type == "int8" else "`"))
         self.target = _built_target(self.model_dir, self.target)
         target_dir = self.model_dir / self.target.folder
         try:
@@ -218,11 +262,18 @@ class WhisperModel:
         self.session = InferenceSession(devices=[self._device])
         tensors = self._load_tensors(weights_path, fix_convert)
 
+        scales = {}  # int8 builds: each tensor's group scales, for its int8 copy and its scale weight
+
         def graph_weight(spec: dict):
             source = tensors.get(spec["source"])
             if source is None:
                 raise ArtifactError(f"{weights_path} has no tensor {spec['source']!r}; {fix_convert}")
-            array = _transform(source, spec["transform"], spec["dtype"])
+            if spec["transform"] == "group_scale" or spec["dtype"] == "int8":
+                if spec["source"] not in scales:
+                    scales[spec["source"]] = _group_scale(source)
+                array = _transform(source, spec["transform"], spec["dtype"], scales[spec["source"]])
+            else:
+                array = _transform(source, spec["transform"], spec["dtype"])
             if list(array.shape) != list(spec["shape"]):
                 raise ArtifactError(f"tensor {spec['source']} has shape {list(array.shape)} after "
                                     f"{spec['transform']}, the graph expects {spec['shape']}; {fix_compile}")
@@ -284,6 +335,10 @@ class WhisperModel:
             problems.append("built for other weights than model.json records")
         if manifest.get("model", {}).get("dims") != model["dims"]:
             problems.append("built for other dimensions than model.json records")
+        built_int8 = manifest.get("decoder_weights", {}).get("dtype") == "int8"
+        if built_int8 != (self.target.compute_type == "int8"):
+            problems.append(f"holds a {'int8' if built_int8 else 'exact'} build, compute type "
+                            f"{self.target.compute_type} was asked for")
         missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
         if missing:
             problems.append(f"lacks graph(s) {', '.join(missing)}")

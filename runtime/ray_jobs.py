@@ -50,7 +50,7 @@ RESULT_COLUMNS = ("text", "language", "result", "error")
 class Transcriber:
     """Loads the artifacts once; each call transcribes one batch of rows (a dict of columns).
 
-    model_dir, device, threads: as `runtime.load_model` (on a cluster, `model_dir` must be readable
+    model_dir, device, threads, compute_type: as `runtime.load_model` (on a cluster, `model_dir` must be readable
     by every worker: shared storage, or a folder shipped with the job's runtime_env). batch_size and
     every other keyword: as `runtime.transcribe_batch` (language, task, temperature, beam_size,
     without_timestamps, sample_len, initial_prompt ...); they are checked here, before any file, so
@@ -59,12 +59,12 @@ class Transcriber:
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str = "cpu", threads: Optional[int] = None,
-                 batch_size: int = 8, audio_timeout: Optional[float] = None, **options):
+                 compute_type: str = "exact", batch_size: int = 8, audio_timeout: Optional[float] = None, **options):
         _import_pyarrow_first()
         from .api import load_model, transcribe_batch
 
         self._transcribe_batch = transcribe_batch
-        self.model = load_model(model_dir, device=device, threads=threads)
+        self.model = load_model(model_dir, device=device, threads=threads, compute_type=compute_type)
         self.batch_size = batch_size
         self.audio_timeout = audio_timeout
         self.options = options
@@ -131,7 +131,7 @@ class Transcriber:
 
 def transcribe_dataset(dataset, model_dir: str | os.PathLike, *, workers: int = 1, files_per_call: int = 8,
                        cpus_per_worker: float = 1, device: str = "cpu", threads: Optional[int] = None,
-                       batch_size: int = 8, ray_remote_args: Optional[dict] = None, **options):
+                       compute_type: str = "exact", batch_size: int = 8, ray_remote_args: Optional[dict] = None, **options):
     """`dataset.map_batches(Transcriber, ...)` with `workers` actors, each holding one model and
     reserving `cpus_per_worker` CPUs (and one GPU with device="gpu"), each call taking `files_per_call`
     rows. ray_remote_args go to map_batches as they are (memory=, runtime_env=, num_gpus= ...). Lazy, as
@@ -144,8 +144,8 @@ def transcribe_dataset(dataset, model_dir: str | os.PathLike, *, workers: int = 
     remote_args.update(ray_remote_args or {})
     return dataset.map_batches(
         Transcriber,
-        fn_constructor_kwargs=dict(model_dir=str(model_dir), device=device, threads=threads, batch_size=batch_size,
-                                   **options),
+        fn_constructor_kwargs=dict(model_dir=str(model_dir), device=device, threads=threads, compute_type=compute_type,
+                                   batch_size=batch_size, **options),
         batch_size=files_per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, Optional
 
 import click
 
+from .click_types import compute_type_option
+
 logger = logging.getLogger("runtime.serve")
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -551,6 +553,7 @@ class _Job:
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@compute_type_option
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="pin this server process to N CPUs (MAX sizes its thread pool from them); 0 leaves it alone")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -561,7 +564,7 @@ class _Job:
               help="largest upload accepted; larger ones get 413")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_command(model_dir, host, port, device, threads, max_batch, max_queue, max_upload_mb, log_level) -> None:
+def serve_command(model_dir, host, port, device, compute_type, threads, max_batch, max_queue, max_upload_mb, log_level) -> None:
     """Serve OpenAI's /v1/audio/transcriptions and /v1/audio/translations from prebuilt artifacts."""
     try:
         import fastapi  # noqa: F401
@@ -573,7 +576,7 @@ def serve_command(model_dir, host, port, device, threads, max_batch, max_queue, 
     from runtime.engine import ArtifactError
 
     try:
-        model = load_model(model_dir, device=device, threads=threads or None)
+        model = load_model(model_dir, device=device, threads=threads or None, compute_type=compute_type)
     except ArtifactError as exc:
         _fail(str(exc))
     server = Server(model, Path(model_dir).name, max_batch=max_batch, max_queue=max_queue,

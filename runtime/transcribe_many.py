@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from .click_types import OptionalFloat, OptionalInt
+from .click_types import OptionalFloat, OptionalInt, compute_type_option
 from .manifest import SUMMARY_NAME, ManifestError, read_manifest
 from .ray_jobs import LOCAL
 
@@ -45,6 +45,7 @@ from .ray_jobs import LOCAL
 @click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="seconds to reach (or start) Ray before giving up")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@compute_type_option
 @click.option("--threads", type=int, default=0, show_default=True,
               help="pin each process to its first N CPUs (with --ray, every worker of a node to the same ones); "
                    "0 lets MAX use them all")
@@ -73,7 +74,7 @@ from .ray_jobs import LOCAL
 @click.option("--max-initial-timestamp", type=float, default=1.0, show_default=True)
 @click.option("--sample-len", type=int, default=None, help="most tokens sampled per chunk (default n_text_ctx/2)")
 def transcribe_many(manifest, model_dir, output_dir, ray_address, workers, cpus_per_worker, files_per_call,
-                    connect_timeout, device, threads, batch_size, audio_timeout, temperature,
+                    connect_timeout, device, compute_type, threads, batch_size, audio_timeout, temperature,
                     temperature_increment_on_fallback, **decode_options) -> None:
     """Transcribe the audio files a MANIFEST lists (a text file of paths, one a line, or JSONL of
     {"path", "id"}) into one JSON result per file, with runtime.transcribe_batch, locally or on Ray."""
@@ -88,7 +89,8 @@ def transcribe_many(manifest, model_dir, output_dir, ray_address, workers, cpus_
                    condition_on_previous_text=False, **decode_options)
     if options["sample_len"] is None:
         del options["sample_len"]  # transcribe_batch's default (n_text_ctx // 2)
-    worker_options = dict(model_dir=str(model_dir), device=device, threads=threads or None, batch_size=batch_size,
+    worker_options = dict(model_dir=str(model_dir), device=device, compute_type=compute_type, threads=threads or None,
+                          batch_size=batch_size,
                           audio_timeout=audio_timeout, **options)
     _check_before_starting(model_dir, ray_address, options)
     _prepare_output_dir(output_dir)

@@ -101,7 +101,7 @@ from bench.cli import parse_args  # noqa: E402
 def test_parse_args_scopes_models_workloads_impls_and_keeps_serving():
     a = parse_args([])
     assert (a.models, a.workloads, a.audio, a.repeats) == ("tiny.en,base", "api,cli,batch", None, 3)
-    assert a.impls == "max,openai,faster-whisper,faster-whisper-int8" and a.batch_size == 8 and not a.serving
+    assert a.impls == "max,max-int8,openai,faster-whisper,faster-whisper-int8" and a.batch_size == 8 and not a.serving
     a = parse_args(["--models", "tiny.en", "--workloads", "cli,random", "--impls", "max,faster-whisper-int8",
                     "--audio", "jfk,long", "--synth-seconds", "40", "--repeats", "1", "--batch-files", "2",
                     "--batch-vad", "--serving"])
@@ -139,6 +139,8 @@ def test_workload_options_spell_the_same_settings():
         ["max-batched", "openai", "faster-whisper-batched", "faster-whisper-int8-batched"]
     assert real.workload_impls("api", ["openai", "faster-whisper-int8", "max"]) == \
         ["openai", "faster-whisper-int8", "max"]
+    assert real.workload_impls("batch", ["max", "max-int8"]) == ["max-batched", "max-int8-batched"]
+    assert "max-int8" not in real.EXACT and "max-int8-batched" not in real.EXACT  # reported, not gated
 
 
 def test_impl_spec_same_weights_for_everyone(tmp_path):
@@ -149,6 +151,8 @@ def test_impl_spec_same_weights_for_everyone(tmp_path):
     args = argparse.Namespace(batch_files=3, batch_size=8)
     assert real.impl_spec("max", m, "api", audio, args) == {"audios": [str(audio.path)], "model": str(m.artifacts)}
     assert real.impl_spec("max-batched", m, "batch", audio, args)["decode_batch_size"] == 8
+    assert real.impl_spec("max-int8", m, "api", audio, args) == {"audios": [str(audio.path)], "model": str(m.artifacts),
+                                                                 "compute_type": "int8"}
     assert real.impl_spec("openai", m, "batch", audio, args) == {"audios": [str(audio.path)] * 3,
                                                                  "model": str(m.checkpoint)}
     fw = real.impl_spec("faster-whisper-int8-batched", m, "batch", audio, args)

@@ -2,6 +2,7 @@
 
 ``fp16_weight_matmul(x, w)``: out[M, N] f32 = x[M, K] f32 @ f32(w[K, N] f16),
 fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
+``int8_weight_matmul(x, w, scale)``: the same over int8 weights with one scale per 64 rows of a column.
 
 Usage::
 
@@ -27,13 +28,15 @@ from max.graph import BufferValue, DeviceRef, TensorType, TensorValue, ops
 KERNELS_DIR = Path(__file__).resolve().parent
 KERNELS_PATH = KERNELS_DIR / "mojo"
 OP_NAME = "fp16_weight_matmul"
+INT8_OP_NAME = "int8_weight_matmul"
+INT8_GROUP = 64  # rows of an int8 weight column that share one scale (the kernel's GROUP)
 ATTENTION_OP_NAME = "single_query_attention"
 GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
 CACHED_ATTENTION_OP_NAME = "cached_query_attention"
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
-__all__ = ["ATTENTION_HEAD_DIM", "KERNELS_PATH", "OP_NAME", "build_mojoc", "cached_query_attention",
-           "fp16_weight_matmul", "grouped_query_attention", "single_query_attention"]
+__all__ = ["ATTENTION_HEAD_DIM", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "build_mojoc", "cached_query_attention",
+           "fp16_weight_matmul", "grouped_query_attention", "int8_weight_matmul", "single_query_attention"]
 
 
 def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
@@ -57,6 +60,22 @@ def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
     return ops.custom(
         OP_NAME, device=DeviceRef.CPU(), values=[x, w], out_types=[out_type]
     )[0].tensor
+
+
+def int8_weight_matmul(x: TensorValue, w: TensorValue, scale: TensorValue) -> TensorValue:
+    """x [M, K] float32 @ (w [K, N] int8 * scale [K / 64, N] float32, each scale row repeated over its
+    64 rows of w) -> [M, N] float32 (fp32 accumulate, one partial sum per group of 64 rows).
+
+    w holds symmetric int8 values with one scale per INT8_GROUP rows of each column: a quarter of
+    fp32's bytes. K must be a multiple of 64. Same graph requirements as fp16_weight_matmul.  CPU only.
+    """
+    x, w, scale = TensorValue(x), TensorValue(w), TensorValue(scale)
+    if x.rank != 2 or w.rank != 2 or scale.rank != 2:
+        raise ValueError(f"expected x [M, K], w [K, N], scale [K/64, N], got {x.shape}, {w.shape}, {scale.shape}")
+    if x.dtype != DType.float32 or w.dtype != DType.int8 or scale.dtype != DType.float32:
+        raise TypeError(f"expected x float32, w int8, scale float32, got {x.dtype}, {w.dtype}, {scale.dtype}")
+    out_type = TensorType(DType.float32, [x.shape[0], w.shape[1]], device=DeviceRef.CPU())
+    return ops.custom(INT8_OP_NAME, device=DeviceRef.CPU(), values=[x, w, scale], out_types=[out_type])[0].tensor
 
 
 def single_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue) -> TensorValue:

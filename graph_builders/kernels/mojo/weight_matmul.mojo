@@ -1,0 +1,256 @@
+# Narrow-weight matmul custom ops for MAX (CPU path).
+#
+#   fp16_weight_matmul: output[M, N] (f32) = x[M, K] (f32) @ f32(w[K, N] (f16))
+#   int8_weight_matmul: output[M, n] (f32) = sum over groups g of
+#                       (x[M, g*64:(g+1)*64] @ f32(w[g*64:(g+1)*64, n] (i8))) * scale[g, n]
+#
+# Weights are read narrow (fp16: half the bytes of fp32, int8: a quarter) and
+# widened to fp32 in registers; all products and sums are fp32 (FMA), so the
+# fp16 result has fp32 rounding only.  int8 weights are symmetric with one
+# scale per group of GROUP=64 rows of each column (w[k, n] ~= w_i8[k, n] *
+# scale[k // 64, n]): a group's partial sum is multiplied by its scale and
+# added to the column's total.  Work is split over N (column tiles) across the runtime's
+# CPU threads; each column tile (64 columns for <= 3 rows of x, 32 otherwise)
+# keeps MB x NVT fp32 zmm accumulators live while walking K (sequential
+# k-order FMA, bit-identical to MAX's own fp32 matmul on fp32(W)), so every
+# weight element is loaded once per MB_MAX=8 rows of x.  Software prefetch of
+# the tile PF_DIST ahead matters a lot (M=6: ~7 ms -> ~1.6 ms standalone).
+# W layout: [K, N] row-major (same orientation as the fp32 weight today).
+from std.math import ceildiv
+from std.sys import prefetch, size_of
+from std.sys.intrinsics import PrefetchOptions
+from max.algorithm import sync_parallelize
+from max.runtime.asyncrt import parallelism_level
+from max.gpu.host import DeviceContext
+from extensibility import InputTensor, OutputTensor, register
+
+comptime W16 = 16  # fp32 lanes per zmm
+comptime NV = 2  # zmm vectors per column tile (base tile)
+comptime TILE = W16 * NV  # output columns per base tile
+comptime MB_MAX = 8  # rows of x handled per pass over W
+comptime PF_DIST = 2  # prefetch W of the tile PF_DIST tiles ahead
+comptime GROUP = 64  # rows of an int8 weight column that share one scale
+
+
+@always_inline
+def _tile[
+    MB: Int, NVT: Int, WT: DType, SCALED: Bool
+](
+    xp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Scalar[WT], MutAnyOrigin],
+    sp: Pointer[Float32, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    m0: Int,
+    K: Int,
+    N: Int,
+    n0: Int,
+    do_prefetch: Bool,
+):
+    var acc = Array[SIMD[DType.float32, W16], MB * NVT](fill=0)
+    comptime if SCALED:
+        for g in range(K // GROUP):
+            var part = Array[SIMD[DType.float32, W16], MB * NVT](fill=0)
+            _accumulate[MB, NVT, WT](xp, wp, m0, K, N, n0, do_prefetch, g * GROUP, (g + 1) * GROUP, part)
+            comptime for v in range(NVT):
+                var sv = sp.unsafe_load[width=W16](g * N + n0 + v * W16)
+                comptime for m in range(MB):
+                    acc[m * NVT + v] = part[m * NVT + v].fma(sv, acc[m * NVT + v])
+    else:
+        _accumulate[MB, NVT, WT](xp, wp, m0, K, N, n0, do_prefetch, 0, K, acc)
+    comptime for m in range(MB):
+        comptime for v in range(NVT):
+            op.unsafe_store((m0 + m) * N + n0 + v * W16, acc[m * NVT + v])
+
+
+@always_inline
+def _accumulate[
+    MB: Int, NVT: Int, WT: DType
+](
+    xp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Scalar[WT], MutAnyOrigin],
+    m0: Int,
+    K: Int,
+    N: Int,
+    n0: Int,
+    do_prefetch: Bool,
+    k0: Int,
+    k1: Int,
+    mut acc: Array[SIMD[DType.float32, W16], MB * NVT],
+):
+    """acc[m, v] += x[m0 + m, k] * w[k, n0 + v*16 ...] for k in k0..k1, in k order."""
+    # weight elements per 64-byte cache line
+    comptime LINE = 64 // size_of[WT]()
+    var pf_off = n0 + PF_DIST * W16 * NVT
+    for k in range(k0, k1):
+        var row = k * N
+        if do_prefetch:
+            comptime for l in range(ceildiv(NVT * W16, LINE)):
+                prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](
+                    wp.unsafe_offset(row + pf_off + l * LINE)
+                )
+        var wv = Array[SIMD[DType.float32, W16], NVT](fill=0)
+        comptime for v in range(NVT):
+            wv[v] = wp.unsafe_load[width=W16](row + n0 + v * W16).cast[
+                DType.float32
+            ]()
+        comptime for m in range(MB):
+            var xb = SIMD[DType.float32, W16](xp[unsafe_offset=(m0 + m) * K + k])
+            comptime for v in range(NVT):
+                acc[m * NVT + v] = wv[v].fma(xb, acc[m * NVT + v])
+
+
+@always_inline
+def _tiles_mb[
+    MB: Int, WT: DType, SCALED: Bool
+](
+    xp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Scalar[WT], MutAnyOrigin],
+    sp: Pointer[Float32, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    m0: Int,
+    K: Int,
+    N: Int,
+    t0: Int,
+    t1: Int,
+):
+    # Wide tiles (more independent FMA chains) for few rows, base tiles else.
+    comptime NVT = NV * 2 if MB <= 3 else NV
+    comptime STEP = NVT // NV
+    var pf_limit = N - (PF_DIST + 1) * W16 * NVT
+    var t = t0
+    while t + STEP <= t1:
+        var n0 = t * TILE
+        _tile[MB, NVT, WT, SCALED](xp, wp, sp, op, m0, K, N, n0, n0 <= pf_limit)
+        t += STEP
+    while t < t1:
+        var n0 = t * TILE
+        _tile[MB, NV, WT, SCALED](xp, wp, sp, op, m0, K, N, n0, n0 <= pf_limit)
+        t += 1
+
+
+def _cpu_matmul[
+    WT: DType, SCALED: Bool
+](
+    xp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Scalar[WT], MutAnyOrigin],
+    sp: Pointer[Float32, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    M: Int,
+    K: Int,
+    N: Int,
+) raises:
+    var nfull = N // TILE
+    var ntiles = ceildiv(N, TILE)
+    var nthreads = max(1, min(parallelism_level(None), ntiles))
+    var tiles_per = ceildiv(ntiles, nthreads)
+
+    def work(tid: Int) raises {var}:
+        var t0 = tid * tiles_per
+        var t1 = min(t0 + tiles_per, nfull)
+        var m0 = 0
+        while m0 < M:
+            var mb = min(M - m0, MB_MAX)
+            if t0 < t1:
+                if mb == 8:
+                    _tiles_mb[8, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                elif mb == 7:
+                    _tiles_mb[7, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                elif mb == 6:
+                    _tiles_mb[6, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                elif mb == 5:
+                    _tiles_mb[5, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                elif mb == 4:
+                    _tiles_mb[4, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                elif mb == 3:
+                    _tiles_mb[3, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                elif mb == 2:
+                    _tiles_mb[2, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                else:
+                    _tiles_mb[1, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+            m0 += mb
+        # Ragged tail (N % TILE columns): scalar, done by the last thread.
+        if tid == nthreads - 1:
+            for n in range(nfull * TILE, N):
+                for m in range(M):
+                    var s = Float32(0)
+                    comptime if SCALED:
+                        for g in range(K // GROUP):
+                            var part = Float32(0)
+                            for k in range(g * GROUP, (g + 1) * GROUP):
+                                part = wp[unsafe_offset=k * N + n].cast[DType.float32]().fma(
+                                    xp[unsafe_offset=m * K + k], part
+                                )
+                            s = part.fma(sp[unsafe_offset=g * N + n], s)
+                    else:
+                        for k in range(K):
+                            s = wp[unsafe_offset=k * N + n].cast[DType.float32]().fma(
+                                xp[unsafe_offset=m * K + k], s
+                            )
+                    op.unsafe_store(m * N + n, s)
+
+    sync_parallelize(work, nthreads)
+
+
+@register("fp16_weight_matmul")
+struct Fp16WeightMatmul:
+    """Computes out[M, N] (f32) = x[M, K] (f32) @ f32(w[K, N] (f16))."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[dtype=DType.float16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("fp16_weight_matmul: only the CPU target is implemented")
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = w.dim_size(1)
+        if w.dim_size(0) != K or output.dim_size(0) != M or output.dim_size(1) != N:
+            raise Error("fp16_weight_matmul: shape mismatch")
+        # No scale: the output pointer stands in for it, never read.
+        _cpu_matmul[DType.float16, False](
+            x.unsafe_ptr(),
+            w.unsafe_ptr(),
+            output.unsafe_ptr(),
+            output.unsafe_ptr(),
+            M,
+            K,
+            N,
+        )
+
+
+@register("int8_weight_matmul")
+struct Int8WeightMatmul:
+    """Computes out[M, N] (f32) = x[M, K] (f32) @ (f32(w[K, N] (i8)) * scale[k // 64, n])."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[dtype=DType.int8, rank=2, ...],
+        scale: InputTensor[dtype=DType.float32, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("int8_weight_matmul: only the CPU target is implemented")
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = w.dim_size(1)
+        if (w.dim_size(0) != K or K % GROUP != 0 or scale.dim_size(0) != K // GROUP
+                or scale.dim_size(1) != N or output.dim_size(0) != M or output.dim_size(1) != N):
+            raise Error("int8_weight_matmul: shape mismatch (K must be a multiple of 64)")
+        _cpu_matmul[DType.int8, True](
+            x.unsafe_ptr(),
+            w.unsafe_ptr(),
+            scale.unsafe_ptr(),
+            output.unsafe_ptr(),
+            M,
+            K,
+            N,
+        )
