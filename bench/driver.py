@@ -1,6 +1,6 @@
 """One timed transcription in a fresh process: `python -m bench.driver SPEC.json`.
 
-Runs under this project's venv (impl "max", "max-batched") or the peers' venv ("openai",
+Runs under this project's venv (impl "max", "max-batched", "max-int8", "max-int8-batched") or the peers' venv ("openai",
 "faster-whisper"), so it imports only the standard library at the top and bench.stats (itself
 standard library only). The same measurement hooks for every implementation, patched into this
 process only:
@@ -204,7 +204,7 @@ def run_max(spec, rec):
     if spec["impl"] == "max-sequential":
         opts["batch_windows"] = 1  # one window at a time, as openai-whisper decodes
     eot = _max_eot(model)
-    if spec["impl"] == "max-batched":
+    if spec["impl"] in ("max-batched", "max-int8-batched"):
         # the random workload: batch_size copies of the audio (decoder batch: the default); the real
         # workloads: spec["audios"], decode_batch_size chunks per decoder batch
         paths = spec.get("audios") or [spec["audio"]] * spec.get("batch_size", 1)
@@ -375,7 +375,8 @@ def run_faster_whisper(spec, rec):
                 **_transcripts(results, eot))
 
 
-IMPLS = {"max": run_max, "max-sequential": run_max, "max-batched": run_max, "openai": run_openai,
+IMPLS = {"max": run_max, "max-sequential": run_max, "max-batched": run_max, "max-int8": run_max,
+         "max-int8-batched": run_max, "openai": run_openai,
          "faster-whisper": run_faster_whisper, "faster-whisper-int8": run_faster_whisper,
          "faster-whisper-batched": run_faster_whisper, "faster-whisper-int8-batched": run_faster_whisper}
 

@@ -74,10 +74,11 @@ def _quantized_transpose(array: np.ndarray, scale: np.ndarray, rows: int = 64) -
     """array.T rounded to int8: round(value / its group's scale), scale = _group_scale(array).
     Blocked as _transposed, for the same reason."""
     out_dim, n_in = array.shape
-    divisor = np.repeat(np.where(scale > 0, scale, 1).T, INT8_GROUP, axis=1)  # (out, in)
+    divisor = np.where(scale > 0, scale, 1).T[:, :, None]  # (out, groups, 1)
     out = np.empty((n_in, out_dim), dtype=np.int8)
     for first in range(0, out_dim, rows):
-        block = np.rint(array[first:first + rows].astype(np.float32) / divisor[first:first + rows])
+        block = array[first:first + rows].astype(np.float32).reshape(-1, n_in // INT8_GROUP, INT8_GROUP)
+        block = np.rint(block / divisor[first:first + rows]).reshape(-1, n_in)
         out[:, first:first + rows] = np.clip(block, -INT8_MAX, INT8_MAX).T
     return out
 

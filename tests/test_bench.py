@@ -141,6 +141,11 @@ def test_workload_options_spell_the_same_settings():
         ["openai", "faster-whisper-int8", "max"]
     assert real.workload_impls("batch", ["max", "max-int8"]) == ["max-batched", "max-int8-batched"]
     assert "max-int8" not in real.EXACT and "max-int8-batched" not in real.EXACT  # reported, not gated
+    from bench.driver import IMPLS
+
+    every = ["max", "max-int8", "openai", *real.FW_IMPLS]
+    for workload in real.WORKLOADS:  # the driver runs every implementation the workloads name
+        assert set(real.workload_impls(workload, every)) <= set(IMPLS), workload
 
 
 def test_impl_spec_same_weights_for_everyone(tmp_path):
