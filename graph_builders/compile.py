@@ -68,7 +68,7 @@ def decoder_weight_dtype(model: dict, decoder_weights: str) -> tuple[str, bool]:
     auto: fp16 where every checkpoint tensor is fp16 (openai's files: exact), fp32 otherwise.
     fp16: also for fp32 checkpoints (fine-tunes), rounded: half the bytes per token, other numerics.
     fp32: the plain path, on any checkpoint.
-    int8: the token rows' weights quantized per output column (never exact; graphs.py).
+    int8: the token rows' weights quantized, one scale per 64 rows of a column (never exact; graphs.py).
     """
     if decoder_weights not in DECODER_WEIGHTS:
         raise CompileError(f"unknown decoder weights {decoder_weights!r}; use one of {', '.join(DECODER_WEIGHTS)}")

@@ -338,7 +338,7 @@ class WhisperModel:
             problems.append("built for other dimensions than model.json records")
         built_int8 = manifest.get("decoder_weights", {}).get("dtype") == "int8"
         if built_int8 != (self.target.compute_type == "int8"):
-            problems.append(f"holds a {'int8' if built_int8 else 'exact'} build, compute type "
+            problems.append(f"holds an {'int8' if built_int8 else 'exact'} build, compute type "
                             f"{self.target.compute_type} was asked for")
         missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
         if missing:

@@ -80,7 +80,7 @@ def test_int8_build_sits_beside_the_exact_one(real_tiny_en_dir, real_tiny_en_int
     swapped = isolated_copy(real_tiny_en_dir)
     shutil.rmtree(swapped / "cpu")
     (swapped / "cpu-int8").rename(swapped / "cpu")
-    with pytest.raises(ArtifactError, match="holds a int8 build, compute type exact was asked for"):
+    with pytest.raises(ArtifactError, match="holds an int8 build, compute type exact was asked for"):
         load_model(swapped)
 
 
