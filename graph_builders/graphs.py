@@ -31,9 +31,11 @@ graph. Both compute in fp32 on the checkpoint's exact values. The encoder keeps 
 int8 decoder weights (compiled on request only, CPU, never exact): the weights token rows read
 (every decoder linear but the cross-attention key and value projections of the audio, and the
 token embedding / output projection) are int8 with one fp32 scale per 64 input rows of each output
-column, read by the int8 kernel: a quarter of fp32's bytes, half of fp16's. One scale per whole
-column was measured too coarse for the embedding: base fell into a repetition loop at temperature 0
-on lecture-en.flac (a fallback each time), where groups of 64 keep it within 1% of the exact words.
+column, read by the int8 kernel: a quarter of fp32's bytes, half of fp16's. The audio's
+cross-attention keys and values, which every step reads whole, are kept in fp16 there (the prefill
+returns them so). One scale per whole column was measured too coarse for the embedding: base fell
+into a repetition loop at temperature 0 on lecture-en.flac (a fallback each time), where groups of
+64 keep it within 1% of the exact words.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class WhisperGraphs:
         self.device = device
         self.fp16_weights = fp16_weights
         self.int8_weights = int8_weights
+        # the int8 build keeps the cross-attention keys and values the steps read in fp16
+        self.cross_dtype = DType.float16 if int8_weights else DType.float32
         # The custom kernels (kernels/) are CPU code: the fp16- and int8-weight matmuls for narrow
         # decoder weights, single-query attention for every decoder step.
         self.use_kernels = (fp16_weights or int8_weights) and device.is_cpu()
@@ -215,7 +219,10 @@ class WhisperGraphs:
             # Rows of one audio read its keys and values once between them (kernels/mojo/attention.mojo).
             rows = grouped_query_attention(ops.reshape(q, [batch, n_head, head_dim]), k_t, v, kv_rows)
             return ops.reshape(rows, [batch, n_head, 1, head_dim])
-        return self._attend(q, ops.gather(k_t, kv_rows, axis=0), ops.gather(v, kv_rows, axis=0))
+        k_t, v = ops.gather(k_t, kv_rows, axis=0), ops.gather(v, kv_rows, axis=0)
+        if k_t.dtype != DType.float32:  # the int8 build's fp16 keys and values
+            k_t, v = ops.cast(k_t, DType.float32), ops.cast(v, DType.float32)
+        return self._attend(q, k_t, v)
 
     def _self_attention_qkv(self, w: WeightSet, x: TensorValue, prefix: str, n_state: int, n_head: int):
         q = self._split_heads(self._linear(w, x, f"{prefix}.query", n_state, n_state), n_head)
@@ -361,7 +368,10 @@ class WhisperGraphs:
 
             x, cache = self._decoder_layers(w, x, self_attention, cross)
             logits = self._logits(w, ops.gather(x, logit_positions, axis=1))
-            graph.output(logits, *cache, *(t for pair in cross for t in pair))
+            cross_out = [t for pair in cross for t in pair]
+            if self.cross_dtype != DType.float32:
+                cross_out = [ops.cast(t, self.cross_dtype) for t in cross_out]
+            graph.output(logits, *cache, *cross_out)
         return BuiltGraph("decoder_prefill", graph, tuple(w.specs.values()))
 
     def decoder_step(self) -> BuiltGraph:
@@ -379,8 +389,8 @@ class WhisperGraphs:
         w = WeightSet(self.device)
         k_type = BufferType(DType.float32, ["batch", n_head, head_dim, "capacity"], device=self.device)
         v_type = BufferType(DType.float32, ["batch", n_head, "capacity", head_dim], device=self.device)
-        ck_type = TensorType(DType.float32, ["n_audio", n_head, head_dim, d["n_audio_ctx"]], device=self.device)
-        cv_type = TensorType(DType.float32, ["n_audio", n_head, d["n_audio_ctx"], head_dim], device=self.device)
+        ck_type = TensorType(self.cross_dtype, ["n_audio", n_head, head_dim, d["n_audio_ctx"]], device=self.device)
+        cv_type = TensorType(self.cross_dtype, ["n_audio", n_head, d["n_audio_ctx"], head_dim], device=self.device)
         input_types = [
             TensorType(DType.int64, ["batch", 1], device=self.device),
             TensorType(DType.int64, ["batch"], device=self.device),

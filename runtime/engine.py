@@ -219,6 +219,11 @@ class WhisperModel:
         except ContractError as exc:
             raise ArtifactError(str(exc)) from None
         self._check_manifest(manifest, model, fix_compile)
+        # the decoder step's cross-attention keys and values: float32, or float16 in the int8 build
+        step_inputs = manifest["graphs"]["decoder_step"].get("inputs") or []
+        cross_input = 3 + 2 * self.dims.n_text_layer
+        self.cross_dtype = (step_inputs[cross_input]["dtype"].removeprefix("DType.")
+                            if len(step_inputs) > cross_input else "float32")
 
         weights_path = self.model_dir / model["weights"]["file"]
         if not weights_path.is_file():
@@ -637,8 +642,8 @@ class MaxRowBatch:
         slots = min(self.max_rows, max(rows, 2 * self.slots))
         head_dim = d.n_text_state // d.n_text_head
 
-        def grown(old, shape):
-            pool = Buffer.zeros([slots, *shape], DType.float32, device=m._device)
+        def grown(old, shape, dtype):
+            pool = Buffer.zeros([slots, *shape], dtype, device=m._device)
             if old is not None:
                 _rows(pool, 0, self.slots).inplace_copy_from(old)
             return pool
@@ -647,10 +652,11 @@ class MaxRowBatch:
         cross_shapes = [(d.n_text_head, head_dim, d.n_audio_ctx), (d.n_text_head, d.n_audio_ctx, head_dim)]
         # one pool at a time, each old one released as soon as it is copied: the old pools are never
         # all held beside the new ones (base, 4 -> 8 slots: the old ones are 190 MB)
-        for pools, shapes in ((self.self_pool, self_shapes), (self.cross_pool, cross_shapes)):
+        for pools, shapes, dtype in ((self.self_pool, self_shapes, DType.float32),
+                                     (self.cross_pool, cross_shapes, getattr(DType, m.cross_dtype))):
             if not pools:
                 pools.extend([None] * (2 * d.n_text_layer))
             for i in range(len(pools)):
-                pools[i] = grown(pools[i], shapes[i % 2])
+                pools[i] = grown(pools[i], shapes[i % 2], dtype)
         self._free_cross = list(range(slots - 1, self.slots - 1, -1)) + self._free_cross
         self.slots = slots

@@ -75,6 +75,11 @@ def test_int8_build_sits_beside_the_exact_one(real_tiny_en_dir, real_tiny_en_int
     prefill = {w["name"] for w in int8["graphs"]["decoder_prefill"]["weights"]}
     assert "decoder.blocks.0.cross_attn.key.weight:transpose@float16" in prefill
     assert int8["graphs"]["encoder"]["signature"] == exact["graphs"]["encoder"]["signature"]
+    # the audio's cross-attention keys and values the steps read: fp16 here, fp32 in the exact build
+    cross = 3 + 2 * int8["model"]["dims"]["n_text_layer"]
+    assert int8["graphs"]["decoder_step"]["inputs"][cross]["dtype"] == "DType.float16"
+    assert exact["graphs"]["decoder_step"]["inputs"][cross]["dtype"] == "DType.float32"
+    assert real_tiny_en_int8.cross_dtype == "float16"
 
     # an int8 build where the exact one belongs is refused, not run as exact
     swapped = isolated_copy(real_tiny_en_dir)
@@ -118,3 +123,19 @@ def test_cli_transcribes_with_compute_type_int8(speech, real_tiny_en_dir, real_t
                       "--output-dir", str(tmp_path), "--verbose", "False")
     written = (tmp_path / f"{path.stem}.txt").read_text()
     assert len(written.split()) > 10, result.stderr
+
+
+def test_int8_transcribe_batch_decodes_each_file_as_alone(speech, real_tiny_en_int8):
+    """The running batch's fp16 cross-attention pools: a batch of files gives each file's own tokens
+    (rows are independent in every kernel), as in the exact build (tests/test_batched.py)."""
+    import runtime
+    from runtime.audio import load_audio
+
+    audio = load_audio(str(speech[0]))
+    files = [audio[: 50 * 16000], audio[20 * 16000: 45 * 16000]]
+    options = dict(without_timestamps=True, condition_on_previous_text=False, beam_size=None, temperature=0.0)
+    batched = runtime.transcribe_batch(real_tiny_en_int8, files, batch_size=3, **options)
+    for samples, ours in zip(files, batched):
+        alone = runtime.transcribe(real_tiny_en_int8, samples, batch_windows=1, verbose=None, **options)
+        assert [s["tokens"] for s in ours["segments"]] == [s["tokens"] for s in alone["segments"]]
+        assert len(ours["text"].split()) > 20

@@ -59,7 +59,15 @@ def kernel_graphs():
     with Graph("int8_matmul_kernel", input_types=int8_inputs, custom_extensions=[KERNELS_PATH]) as graph:
         graph.output(int8_weight_matmul(*(v.tensor for v in graph.inputs)))
     int8_matmul = session.load(graph)
-    return attention, matmul, grouped, cached, int8_matmul
+    grouped16_inputs = [TensorType(DType.float32, ["rows", HEADS, HEAD_DIM], cpu),
+                        TensorType(DType.float16, ["groups", HEADS, HEAD_DIM, "positions"], cpu),
+                        TensorType(DType.float16, ["groups", HEADS, "positions", HEAD_DIM], cpu),
+                        TensorType(DType.int64, ["rows"], cpu)]
+    with Graph("grouped_attention_f16kv_kernel", input_types=grouped16_inputs,
+               custom_extensions=[KERNELS_PATH]) as graph:
+        graph.output(grouped_query_attention(*(v.tensor for v in graph.inputs)))
+    grouped16 = session.load(graph)
+    return attention, matmul, grouped, cached, int8_matmul, grouped16
 
 
 def _reference_attention(q, k_t, v):
@@ -119,6 +127,25 @@ def test_grouped_query_attention_equals_single_query_attention(kernel_graphs, kv
     (alone,) = kernel_graphs[0].execute(*(Buffer.from_numpy(np.ascontiguousarray(a)) for a in single))
     np.testing.assert_array_equal(ours.reshape(-1, HEAD_DIM), alone.to_numpy())
     assert np.abs(ours.reshape(-1, HEAD_DIM) - _reference_attention(*single)).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("kv_rows,positions", [([0], 1500), ([0, 0, 0, 0, 0], 1500), ([1, 0, 1], 37)])
+def test_grouped_query_attention_reads_fp16_keys_and_values_as_their_fp32_widening(kernel_graphs, kv_rows,
+                                                                                   positions):
+    """The int8 build's fp16 cross-attention keys and values: the same bits as the fp32 kernel on
+    the same values widened (fp16 -> fp32 is exact)."""
+    from max.driver import Buffer
+
+    rng = np.random.default_rng(positions + len(kv_rows))
+    rows, groups = len(kv_rows), max(kv_rows) + 1
+    q = rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32)
+    k_t = rng.standard_normal((groups, HEADS, HEAD_DIM, positions)).astype(np.float16)
+    v = rng.standard_normal((groups, HEADS, positions, HEAD_DIM)).astype(np.float16)
+    index = np.asarray(kv_rows, dtype=np.int64)
+    (half,) = kernel_graphs[5].execute(*(Buffer.from_numpy(a) for a in (q, k_t, v, index)))
+    widened = (q, k_t.astype(np.float32), v.astype(np.float32), index)
+    (full,) = kernel_graphs[2].execute(*(Buffer.from_numpy(a) for a in widened))
+    np.testing.assert_array_equal(half.to_numpy(), full.to_numpy())
 
 
 def test_grouped_query_attention_refuses_a_row_outside_the_audio(kernel_graphs):

@@ -32,6 +32,7 @@ INT8_OP_NAME = "int8_weight_matmul"
 INT8_GROUP = 64  # rows of an int8 weight column that share one scale (the kernel's GROUP)
 ATTENTION_OP_NAME = "single_query_attention"
 GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
+GROUPED_ATTENTION_F16KV_OP_NAME = "grouped_query_attention_f16kv"
 CACHED_ATTENTION_OP_NAME = "cached_query_attention"
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
@@ -99,17 +100,21 @@ def grouped_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue, kv
 
     Rows with the same kv row read its keys and values once between them (the beams of one audio in
     a decoder step's cross-attention); each row's result is bit-identical to single_query_attention's
-    on its own keys and values. float32; CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
+    on its own keys and values. float32, or keys and values both float16 (widened to fp32 as they
+    are read); CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
     """
     q, k_t, v, kv_rows = TensorValue(q), TensorValue(k_t), TensorValue(v), TensorValue(kv_rows)
     if q.rank != 3 or k_t.rank != 4 or v.rank != 4 or kv_rows.rank != 1:
         raise ValueError(f"expected q [B, H, 64], k_t [G, H, 64, M], v [G, H, M, 64], kv_rows [B], got "
                          f"{q.shape}, {k_t.shape}, {v.shape}, {kv_rows.shape}")
-    if any(t.dtype != DType.float32 for t in (q, k_t, v)) or kv_rows.dtype != DType.int64:
-        raise TypeError("grouped_query_attention computes in float32 and takes int64 kv_rows")
+    kv_dtype = k_t.dtype
+    if (q.dtype != DType.float32 or kv_dtype not in (DType.float32, DType.float16) or v.dtype != kv_dtype
+            or kv_rows.dtype != DType.int64):
+        raise TypeError("grouped_query_attention computes in float32 over float32 or float16 keys and values, "
+                        "and takes int64 kv_rows")
     out_type = TensorType(DType.float32, [q.shape[0], q.shape[1], ATTENTION_HEAD_DIM], device=DeviceRef.CPU())
-    return ops.custom(GROUPED_ATTENTION_OP_NAME, device=DeviceRef.CPU(), values=[q, k_t, v, kv_rows],
-                      out_types=[out_type])[0].tensor
+    name = GROUPED_ATTENTION_OP_NAME if kv_dtype == DType.float32 else GROUPED_ATTENTION_F16KV_OP_NAME
+    return ops.custom(name, device=DeviceRef.CPU(), values=[q, k_t, v, kv_rows], out_types=[out_type])[0].tensor
 
 
 def cached_query_attention(k_cache: BufferValue, v_cache: BufferValue, q: TensorValue, k: TensorValue,

@@ -151,17 +151,18 @@ struct SingleQueryAttention:
 # head) pair is one task: it finds the rows that map to its audio and runs them in groups of up to
 # GROUP_MAX, each key and value vector loaded once for the group and used by every row's FMA. Each
 # row's arithmetic is exactly _attend_row's (same operations in the same order), so a row's result
-# does not depend on which rows it shares its reads with.
+# does not depend on which rows it shares its reads with. grouped_query_attention_f16kv is the same
+# over fp16 keys and values (the int8 decoder build's), widened to fp32 as they are loaded.
 comptime GROUP_MAX = 6  # rows per pass: 6 x 4 zmm accumulators + 4 for v stay in registers
 
 
 @always_inline
 def _attend_group[
-    NR: Int
+    NR: Int, KT: DType
 ](
     qp: Pointer[Float32, MutAnyOrigin],
-    kp: Pointer[Float32, MutAnyOrigin],
-    vp: Pointer[Float32, MutAnyOrigin],
+    kp: Pointer[Scalar[KT], MutAnyOrigin],
+    vp: Pointer[Scalar[KT], MutAnyOrigin],
     op: Pointer[Float32, MutAnyOrigin],
     q_rows: Array[Int, GROUP_MAX],
     kv: Int,
@@ -181,13 +182,13 @@ def _attend_group[
             qd[i] = SIMD[DType.float32, W16](qp[unsafe_offset=q_rows[i] * HEAD_DIM + d])
         var row = k0 + d * M
         for j in range(nv):
-            var k = kp.unsafe_load[width=W16](row + j * W16)
+            var k = kp.unsafe_load[width=W16](row + j * W16).cast[DType.float32]()
             comptime for i in range(NR):
                 scores[i * NVS + j] = k.fma(qd[i], scores[i * NVS + j])
     for d in range(HEAD_DIM):
         var row = k0 + d * M
         for m in range(nv * W16, M):
-            var k = kp[unsafe_offset=row + m]
+            var k = kp[unsafe_offset=row + m].cast[DType.float32]()
             comptime for i in range(NR):
                 var qd = qp[unsafe_offset=q_rows[i] * HEAD_DIM + d]
                 tail[i * W16 + m - nv * W16] = k.fma(qd, tail[i * W16 + m - nv * W16])
@@ -225,7 +226,7 @@ def _attend_group[
             var row = v0 + (j * W16 + lane) * HEAD_DIM
             var vv = Array[SIMD[DType.float32, W16], NVD](fill=0)
             comptime for c in range(NVD):
-                vv[c] = vp.unsafe_load[width=W16](row + c * W16)
+                vv[c] = vp.unsafe_load[width=W16](row + c * W16).cast[DType.float32]()
             comptime for i in range(NR):
                 var pm = SIMD[DType.float32, W16](scores[i * NVS + j][lane])
                 comptime for c in range(NVD):
@@ -235,10 +236,76 @@ def _attend_group[
         comptime for i in range(NR):
             var pm = SIMD[DType.float32, W16](tail[i * W16 + m - nv * W16])
             comptime for c in range(NVD):
-                acc[i * NVD + c] = vp.unsafe_load[width=W16](row + c * W16).fma(pm, acc[i * NVD + c])
+                acc[i * NVD + c] = vp.unsafe_load[width=W16](row + c * W16).cast[DType.float32]().fma(
+                    pm, acc[i * NVD + c]
+                )
     comptime for i in range(NR):
         comptime for c in range(NVD):
             op.unsafe_store(q_rows[i] * HEAD_DIM + c * W16, acc[i * NVD + c])
+
+
+def _check_grouped(
+    q2: Int, k1: Int, k2: Int, v0: Int, v1: Int, v2: Int, v3: Int, r0: Int, B: Int, H: Int, G: Int, M: Int
+) raises:
+    if q2 != HEAD_DIM or k2 != HEAD_DIM or v3 != HEAD_DIM:
+        raise Error("grouped_query_attention: head dim must be 64")
+    if k1 != H or v0 != G or v1 != H or v2 != M:
+        raise Error("grouped_query_attention: shape mismatch")
+    if r0 != B:
+        raise Error("grouped_query_attention: kv_rows must have one entry per row")
+    if M > MAX_POSITIONS or M < 1:
+        raise Error("grouped_query_attention: too many positions")
+
+
+def _grouped_attention[
+    KT: DType
+](
+    qp: Pointer[Float32, MutAnyOrigin],
+    kp: Pointer[Scalar[KT], MutAnyOrigin],
+    vp: Pointer[Scalar[KT], MutAnyOrigin],
+    rp: Pointer[Int64, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    B: Int,
+    H: Int,
+    G: Int,
+    M: Int,
+) raises:
+    for b in range(B):
+        var kv_row = Int(rp[unsafe_offset=b])
+        if kv_row < 0 or kv_row >= G:
+            raise Error("grouped_query_attention: kv_rows out of range")
+    var scale = Float32(0.125)  # 1 / sqrt(64)
+    var tasks = G * H
+    var nthreads = max(1, min(parallelism_level(None), tasks))
+    var tasks_per = ceildiv(tasks, nthreads)
+
+    def work(tid: Int) raises {var}:
+        for t in range(tid * tasks_per, min((tid + 1) * tasks_per, tasks)):
+            var g = t // H
+            var h = t % H
+            var q_rows = Array[Int, GROUP_MAX](fill=0)
+            var n = 0
+            for b in range(B + 1):
+                if b < B and Int(rp[unsafe_offset=b]) == g:
+                    q_rows[n] = b * H + h
+                    n += 1
+                if n == GROUP_MAX or (b == B and n > 0):
+                    var kv = g * H + h
+                    if n == 6:
+                        _attend_group[6, KT](qp, kp, vp, op, q_rows, kv, M, scale)
+                    elif n == 5:
+                        _attend_group[5, KT](qp, kp, vp, op, q_rows, kv, M, scale)
+                    elif n == 4:
+                        _attend_group[4, KT](qp, kp, vp, op, q_rows, kv, M, scale)
+                    elif n == 3:
+                        _attend_group[3, KT](qp, kp, vp, op, q_rows, kv, M, scale)
+                    elif n == 2:
+                        _attend_group[2, KT](qp, kp, vp, op, q_rows, kv, M, scale)
+                    else:
+                        _attend_group[1, KT](qp, kp, vp, op, q_rows, kv, M, scale)
+                    n = 0
+
+    sync_parallelize(work, nthreads)
 
 
 @register("grouped_query_attention")
@@ -262,55 +329,39 @@ struct GroupedQueryAttention:
         var H = q.dim_size(1)
         var G = k_t.dim_size(0)
         var M = k_t.dim_size(3)
-        if q.dim_size(2) != HEAD_DIM or k_t.dim_size(2) != HEAD_DIM or v.dim_size(3) != HEAD_DIM:
-            raise Error("grouped_query_attention: head dim must be 64")
-        if k_t.dim_size(1) != H or v.dim_size(0) != G or v.dim_size(1) != H or v.dim_size(2) != M:
-            raise Error("grouped_query_attention: shape mismatch")
-        if kv_rows.dim_size(0) != B:
-            raise Error("grouped_query_attention: kv_rows must have one entry per row")
-        if M > MAX_POSITIONS or M < 1:
-            raise Error("grouped_query_attention: too many positions")
-        var rp = kv_rows.unsafe_ptr()
-        for b in range(B):
-            var kv_row = Int(rp[unsafe_offset=b])
-            if kv_row < 0 or kv_row >= G:
-                raise Error("grouped_query_attention: kv_rows out of range")
-        var scale = Float32(0.125)  # 1 / sqrt(64)
-        var qp = q.unsafe_ptr()
-        var kp = k_t.unsafe_ptr()
-        var vp = v.unsafe_ptr()
-        var op = output.unsafe_ptr()
-        var tasks = G * H
-        var nthreads = max(1, min(parallelism_level(None), tasks))
-        var tasks_per = ceildiv(tasks, nthreads)
+        _check_grouped(q.dim_size(2), k_t.dim_size(1), k_t.dim_size(2), v.dim_size(0), v.dim_size(1), v.dim_size(2),
+                       v.dim_size(3), kv_rows.dim_size(0), B, H, G, M)
+        _grouped_attention[DType.float32](
+            q.unsafe_ptr(), k_t.unsafe_ptr(), v.unsafe_ptr(), kv_rows.unsafe_ptr(), output.unsafe_ptr(), B, H, G, M
+        )
 
-        def work(tid: Int) raises {var}:
-            for t in range(tid * tasks_per, min((tid + 1) * tasks_per, tasks)):
-                var g = t // H
-                var h = t % H
-                var q_rows = Array[Int, GROUP_MAX](fill=0)
-                var n = 0
-                for b in range(B + 1):
-                    if b < B and Int(rp[unsafe_offset=b]) == g:
-                        q_rows[n] = b * H + h
-                        n += 1
-                    if n == GROUP_MAX or (b == B and n > 0):
-                        var kv = g * H + h
-                        if n == 6:
-                            _attend_group[6](qp, kp, vp, op, q_rows, kv, M, scale)
-                        elif n == 5:
-                            _attend_group[5](qp, kp, vp, op, q_rows, kv, M, scale)
-                        elif n == 4:
-                            _attend_group[4](qp, kp, vp, op, q_rows, kv, M, scale)
-                        elif n == 3:
-                            _attend_group[3](qp, kp, vp, op, q_rows, kv, M, scale)
-                        elif n == 2:
-                            _attend_group[2](qp, kp, vp, op, q_rows, kv, M, scale)
-                        else:
-                            _attend_group[1](qp, kp, vp, op, q_rows, kv, M, scale)
-                        n = 0
 
-        sync_parallelize(work, nthreads)
+@register("grouped_query_attention_f16kv")
+struct GroupedQueryAttentionF16KV:
+    """grouped_query_attention over fp16 keys and values, widened to fp32 as they are read."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype=DType.float32, rank=3, ...],
+        q: InputTensor[dtype=DType.float32, rank=3, ...],
+        k_t: InputTensor[dtype=DType.float16, rank=4, ...],
+        v: InputTensor[dtype=DType.float16, rank=4, ...],
+        kv_rows: InputTensor[dtype=DType.int64, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("grouped_query_attention_f16kv: only the CPU target is implemented")
+        var B = q.dim_size(0)
+        var H = q.dim_size(1)
+        var G = k_t.dim_size(0)
+        var M = k_t.dim_size(3)
+        _check_grouped(q.dim_size(2), k_t.dim_size(1), k_t.dim_size(2), v.dim_size(0), v.dim_size(1), v.dim_size(2),
+                       v.dim_size(3), kv_rows.dim_size(0), B, H, G, M)
+        _grouped_attention[DType.float16](
+            q.unsafe_ptr(), k_t.unsafe_ptr(), v.unsafe_ptr(), kv_rows.unsafe_ptr(), output.unsafe_ptr(), B, H, G, M
+        )
 
 
 # Self-attention of a decoder step over a cache updated in place.
