@@ -70,6 +70,16 @@ def kernel_graphs():
     return attention, matmul, grouped, cached, int8_matmul, grouped16
 
 
+def _grouped_inputs(kv_rows, positions, kv_dtype, seed):
+    """q [rows, H, 64] fp32, k_t [audios, H, 64, positions] and v [audios, H, positions, 64] of kv_dtype, kv_rows."""
+    rng = np.random.default_rng(seed)
+    rows, groups = len(kv_rows), max(kv_rows) + 1
+    q = rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32)
+    k_t = rng.standard_normal((groups, HEADS, HEAD_DIM, positions)).astype(kv_dtype)
+    v = rng.standard_normal((groups, HEADS, positions, HEAD_DIM)).astype(kv_dtype)
+    return q, k_t, v, np.asarray(kv_rows, dtype=np.int64)
+
+
 def _reference_attention(q, k_t, v):
     q, k_t, v = (a.astype(np.float64) for a in (q, k_t, v))
     scores = np.einsum("rd,rdm->rm", q, k_t) / np.sqrt(HEAD_DIM)
@@ -113,12 +123,8 @@ def test_grouped_query_attention_equals_single_query_attention(kernel_graphs, kv
     single_query_attention gives on its own copy of them."""
     from max.driver import Buffer
 
-    rng = np.random.default_rng(len(kv_rows) * positions)
-    rows, groups = len(kv_rows), max(kv_rows) + 1
-    q = rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32)
-    k_t = rng.standard_normal((groups, HEADS, HEAD_DIM, positions)).astype(np.float32)
-    v = rng.standard_normal((groups, HEADS, positions, HEAD_DIM)).astype(np.float32)
-    index = np.asarray(kv_rows, dtype=np.int64)
+    q, k_t, v, index = _grouped_inputs(kv_rows, positions, np.float32, seed=len(kv_rows) * positions)
+    rows = len(kv_rows)
     (out,) = kernel_graphs[2].execute(*(Buffer.from_numpy(a) for a in (q, k_t, v, index)))
     ours = out.to_numpy()
     assert ours.shape == (rows, HEADS, HEAD_DIM)
@@ -136,12 +142,7 @@ def test_grouped_query_attention_reads_fp16_keys_and_values_as_their_fp32_wideni
     the same values widened (fp16 -> fp32 is exact)."""
     from max.driver import Buffer
 
-    rng = np.random.default_rng(positions + len(kv_rows))
-    rows, groups = len(kv_rows), max(kv_rows) + 1
-    q = rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32)
-    k_t = rng.standard_normal((groups, HEADS, HEAD_DIM, positions)).astype(np.float16)
-    v = rng.standard_normal((groups, HEADS, positions, HEAD_DIM)).astype(np.float16)
-    index = np.asarray(kv_rows, dtype=np.int64)
+    q, k_t, v, index = _grouped_inputs(kv_rows, positions, np.float16, seed=positions + len(kv_rows))
     (half,) = kernel_graphs[5].execute(*(Buffer.from_numpy(a) for a in (q, k_t, v, index)))
     widened = (q, k_t.astype(np.float32), v.astype(np.float32), index)
     (full,) = kernel_graphs[2].execute(*(Buffer.from_numpy(a) for a in widened))
