@@ -27,6 +27,10 @@ FIX_CONVERT = "run `make convert` for this model"
 # The runtime's compute types: "exact" runs the checkpoint's own values; "int8" the decoder's int8
 # build (`make compile DECODER_WEIGHTS=int8`, CPU only), kept in a folder of its own beside "cpu".
 COMPUTE_TYPES = ("exact", "int8")
+# The int8 build's weights share one scale per this many inputs of an output: the graphs' scale
+# weights are (inputs / INT8_GROUP, outputs), the runtime quantizes by the same groups, and the
+# int8 kernel (graph_builders/kernels/mojo/weight_matmul.mojo, GROUP) sums them so.
+INT8_GROUP = 64
 
 
 def target_folder(device: str, arch: str | None, compute_type: str = "exact") -> str:

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from contracts import (COMPUTE_TYPES, FIX_CONVERT, ContractError, read_manifest, read_model_json, sha256_file,
-                       target_folder)
+from contracts import (COMPUTE_TYPES, FIX_CONVERT, INT8_GROUP, ContractError, read_manifest, read_model_json,
+                       sha256_file, target_folder)
 
 from .audio import AudioError, load_mel_filters
 from .inference import ModelDimensions
@@ -53,7 +53,6 @@ def _transform(array: np.ndarray, transform: str, dtype, scale: np.ndarray | Non
 
 
 INT8_MAX = 127  # symmetric: -127..127, so a group's scale is max |value| / 127
-INT8_GROUP = 64  # inputs of an output that share one scale (graph_builders/kernels: the int8 kernel's GROUP)
 
 
 def _group_scale(array: np.ndarray, rows: int = 4096) -> np.ndarray:

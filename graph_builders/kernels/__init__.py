@@ -25,11 +25,12 @@ from pathlib import Path
 from max.dtype import DType
 from max.graph import BufferValue, DeviceRef, TensorType, TensorValue, ops
 
+from contracts import INT8_GROUP  # rows of an int8 weight column that share one scale (the kernel's GROUP)
+
 KERNELS_DIR = Path(__file__).resolve().parent
 KERNELS_PATH = KERNELS_DIR / "mojo"
 OP_NAME = "fp16_weight_matmul"
 INT8_OP_NAME = "int8_weight_matmul"
-INT8_GROUP = 64  # rows of an int8 weight column that share one scale (the kernel's GROUP)
 ATTENTION_OP_NAME = "single_query_attention"
 GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
 GROUPED_ATTENTION_F16KV_OP_NAME = "grouped_query_attention_f16kv"
