@@ -32,16 +32,9 @@ class ArtifactError(Exception):
     """A one-line, user-facing reason why artifacts cannot be used, with the command that fixes it."""
 
 
-def _transform(array: np.ndarray, transform: str, dtype, scale: np.ndarray | None = None) -> np.ndarray:
+def _transform(array: np.ndarray, transform: str, dtype) -> np.ndarray:
     """The weight transforms the manifest names (graph_builders/graphs.py, WeightSpec), as a
-    contiguous array of `dtype`. scale: the array's _group_scale where already known."""
-    if transform == "group_scale":
-        return _group_scale(array) if scale is None else scale
-    if dtype == "int8":
-        if transform != "transpose":
-            raise ArtifactError(f"the manifest asks for int8 weights made by {transform!r}; "
-                                "rebuild them with this version's make compile")
-        return _quantized_transpose(array, _group_scale(array) if scale is None else scale)
+    contiguous array of `dtype`; the int8 build's two are _int8_part's."""
     if transform == "none":
         return np.ascontiguousarray(array, dtype=dtype)
     if transform == "transpose":
@@ -55,31 +48,37 @@ def _transform(array: np.ndarray, transform: str, dtype, scale: np.ndarray | Non
 INT8_MAX = 127  # symmetric: -127..127, so a group's scale is max |value| / 127
 
 
-def _group_scale(array: np.ndarray, rows: int = 4096) -> np.ndarray:
-    """The int8 scales of a 2-D (out, in) weight: max |value| / 127 over each 64 inputs of each output,
-    in fp32 (0 for a group of zeros), laid out (in / 64, out) as the kernel reads them."""
+def _quantize(array: np.ndarray, rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D (out, in) weight for the int8 build, in one pass: its transpose rounded to int8, (in, out),
+    and the fp32 scales, (in / 64, out) as the kernel reads them. Each 64 inputs of an output share
+    the scale max |value| / 127 (0 for a group of zeros) and are rounded to value / scale. Blocked as
+    _transposed, for the same reason."""
     if array.ndim != 2 or array.shape[1] % INT8_GROUP:
         raise ArtifactError(f"int8 weights need a 2-D tensor of a multiple of {INT8_GROUP} inputs, this one has "
                             f"shape {list(array.shape)}; rebuild the artifacts with this version's make compile")
-    out, n_in = array.shape
-    scale = np.empty((n_in // INT8_GROUP, out), dtype=np.float32)
-    for first in range(0, out, rows):
-        block = array[first:first + rows].astype(np.float32).reshape(-1, n_in // INT8_GROUP, INT8_GROUP)
-        scale[:, first:first + rows] = (np.maximum(block.max(axis=2), -block.min(axis=2)) / INT8_MAX).T
-    return scale
-
-
-def _quantized_transpose(array: np.ndarray, scale: np.ndarray, rows: int = 64) -> np.ndarray:
-    """array.T rounded to int8: round(value / its group's scale), scale = _group_scale(array).
-    Blocked as _transposed, for the same reason."""
     out_dim, n_in = array.shape
-    divisor = np.where(scale > 0, scale, 1).T[:, :, None]  # (out, groups, 1)
-    out = np.empty((n_in, out_dim), dtype=np.int8)
+    groups = n_in // INT8_GROUP
+    values = np.empty((n_in, out_dim), dtype=np.int8)
+    scale = np.empty((groups, out_dim), dtype=np.float32)
     for first in range(0, out_dim, rows):
-        block = array[first:first + rows].astype(np.float32).reshape(-1, n_in // INT8_GROUP, INT8_GROUP)
-        block = np.rint(block / divisor[first:first + rows]).reshape(-1, n_in)
-        out[:, first:first + rows] = np.clip(block, -INT8_MAX, INT8_MAX).T
-    return out
+        block = array[first:first + rows].astype(np.float32).reshape(-1, groups, INT8_GROUP)
+        block_scale = np.maximum(block.max(axis=2), -block.min(axis=2)) / INT8_MAX  # (rows, groups)
+        scale[:, first:first + rows] = block_scale.T
+        rounded = np.rint(block / np.where(block_scale > 0, block_scale, 1)[:, :, None]).reshape(-1, n_in)
+        values[:, first:first + rows] = np.clip(rounded, -INT8_MAX, INT8_MAX).T
+    return values, scale
+
+
+def _int8_part(quantized: tuple[np.ndarray, np.ndarray], transform: str, dtype) -> np.ndarray:
+    """The int8 build's weights the manifest names, from _quantize's result: a tensor's int8 values
+    ("transpose" to int8) or its scales ("group_scale")."""
+    values, scale = quantized
+    if transform == "group_scale":
+        return scale
+    if transform == "transpose" and dtype == "int8":
+        return values
+    raise ArtifactError(f"the manifest asks for int8 weights made by {transform!r}; "
+                        "rebuild them with this version's make compile")
 
 
 def _transposed(array: np.ndarray, dtype, rows: int = 64) -> np.ndarray:
@@ -267,16 +266,16 @@ class WhisperModel:
         self.session = InferenceSession(devices=[self._device])
         tensors = self._load_tensors(weights_path, fix_convert)
 
-        scales = {}  # int8 builds: each tensor's group scales, for its int8 copy and its scale weight
+        quantized = {}  # int8 builds: each tensor quantized once, for its int8 values and its scale weight
 
         def graph_weight(spec: dict):
             source = tensors.get(spec["source"])
             if source is None:
                 raise ArtifactError(f"{weights_path} has no tensor {spec['source']!r}; {fix_convert}")
             if spec["transform"] == "group_scale" or spec["dtype"] == "int8":
-                if spec["source"] not in scales:
-                    scales[spec["source"]] = _group_scale(source)
-                array = _transform(source, spec["transform"], spec["dtype"], scales[spec["source"]])
+                if spec["source"] not in quantized:
+                    quantized[spec["source"]] = _quantize(source)
+                array = _int8_part(quantized[spec["source"]], spec["transform"], spec["dtype"])
             else:
                 array = _transform(source, spec["transform"], spec["dtype"])
             if list(array.shape) != list(spec["shape"]):

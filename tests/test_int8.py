@@ -18,14 +18,13 @@ from bench.wer import word_error_rate
 
 
 def test_quantization_rounds_each_group_of_64_inputs_to_its_own_scale():
-    from runtime.engine import _group_scale, _quantized_transpose
+    from runtime.engine import _quantize
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((96, 128)) * 0.05).astype(np.float16)  # (out, in) as checkpoints store it
     weight[3] = 0  # an output of zeros
     weight[5, 70] = 4.0  # an outlier widens its own group's scale only
-    scale = _group_scale(weight)
-    quantized = _quantized_transpose(weight, scale)
+    quantized, scale = _quantize(weight)
     assert scale.shape == (2, 96) and quantized.shape == (128, 96) and quantized.dtype == np.int8
     per_value = np.repeat(scale, 64, axis=0)  # (in, out), like the quantized transpose
     assert np.all(np.abs(quantized * per_value - weight.astype(np.float32).T) <= per_value / 2 + 1e-8)
