@@ -33,6 +33,25 @@ COMPUTE_TYPES = ("exact", "int8")
 INT8_GROUP = 64
 
 
+# A CPU build runs code compiled for the CPU that built it (MAX targets the host's instruction set;
+# the int8 build's audio rows use AVX-512 VNNI where the CPU has it), so the manifest records which
+# of these the building CPU had and the runtime refuses a build whose features this CPU lacks.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")
+
+
+def cpu_features() -> list[str]:
+    """The CPU_FEATURES this machine's CPU has, from /proc/cpuinfo ([] where it cannot tell)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [feature for feature in CPU_FEATURES if feature in flags]
+    return []
+
+
 def target_folder(device: str, arch: str | None, compute_type: str = "exact") -> str:
     """The folder under artifacts/<model>/ that holds one build: cpu, cpu-int8, gpu-<arch>."""
     folder = "cpu" if device == "cpu" else f"gpu-{arch}"

@@ -14,8 +14,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, ContractError, atomic_write, read_manifest, read_model_json,
-                       sha256_bytes, sha256_file, target_folder, write_json)
+from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, ContractError, atomic_write, cpu_features, read_manifest,
+                       read_model_json, sha256_bytes, sha256_file, target_folder, write_json)
 
 DEFAULT_GPU_ARCH = "sm_90a"  # what MAX names the H100 and H200 (driver.accelerator_architecture_name)
 DECODER_WEIGHTS = ("auto", "fp16", "fp32", "int8")
@@ -68,7 +68,8 @@ def decoder_weight_dtype(model: dict, decoder_weights: str) -> tuple[str, bool]:
     auto: fp16 where every checkpoint tensor is fp16 (openai's files: exact), fp32 otherwise.
     fp16: also for fp32 checkpoints (fine-tunes), rounded: half the bytes per token, other numerics.
     fp32: the plain path, on any checkpoint.
-    int8: the token rows' weights quantized, one scale per 64 rows of a column (never exact; graphs.py).
+    int8: the token rows' weights quantized, one scale per 64 rows of a column, and the audio rows'
+    matmuls int8 on both sides (never exact; graphs.py).
     """
     if decoder_weights not in DECODER_WEIGHTS:
         raise CompileError(f"unknown decoder weights {decoder_weights!r}; use one of {', '.join(DECODER_WEIGHTS)}")
@@ -105,8 +106,9 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     session = InferenceSession(devices=session_devices)
     weight_dtype, weights_exact = decoder_weight_dtype(model, decoder_weights)
     if not weights_exact:
-        log(f"decoder weights rounded to {'int8' if weight_dtype == 'int8' else 'fp16'}: results may differ "
-            "from the checkpoint's own (see README)")
+        log(("the int8 build: decoder weights and the audio rows' matmuls rounded to int8"
+             if weight_dtype == "int8" else "decoder weights rounded to fp16")
+            + ": results may differ from the checkpoint's own (see README)")
     # int8 keeps the audio's key and value projections (not read per token) as the exact build does
     checkpoint_fp16 = decoder_weight_dtype(model, "auto")[0] == "float16"
     try:
@@ -120,6 +122,8 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     # The weights enter at init, so their values do not change a graph: its signature is its own
     # text, plus the MAX version and target that compiled it and the source of the custom kernels.
     provenance = {"max_version": max_version, "device": device, "arch": arch}
+    if device == "cpu":
+        provenance["cpu_features"] = cpu_features()
     kernels = kernels_sha256() if builder.uses_custom_kernels else None
 
     graphs = {}
@@ -150,7 +154,10 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
         "format": MANIFEST_FORMAT,
         **provenance,
         "kernels_sha256": kernels,
-        "decoder_weights": {"dtype": weight_dtype, "exact": weights_exact},
+        "decoder_weights": {"dtype": weight_dtype, "exact": weights_exact,
+                            # the int8 prefill and step return their hidden states last, for the
+                            # runtime's rescoring of the logits near the best (graphs.py)
+                            **({"hidden_output": True} if weight_dtype == "int8" else {})},
         "model": {"name": model["name"], "dims": model["dims"], "source_sha256": model["source"]["sha256"],
                   "source_format": model["source"].get("format", "openai"),
                   "weights_file": model["weights"]["file"], "weights_sha256": model["weights"]["sha256"]},

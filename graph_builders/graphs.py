@@ -28,14 +28,20 @@ matmuls go through a custom kernel that reads fp16 and accumulates in fp32 (kern
 result is the fp32 product from half the bytes; elsewhere the weights are cast to fp32 in the
 graph. Both compute in fp32 on the checkpoint's exact values. The encoder keeps fp32 weights.
 
-int8 decoder weights (compiled on request only, CPU, never exact): the weights token rows read
-(every decoder linear but the cross-attention key and value projections of the audio, and the
-token embedding / output projection) are int8 with one fp32 scale per 64 input rows of each output
-column, read by the int8 kernel: a quarter of fp32's bytes, half of fp16's. The audio's
-cross-attention keys and values, which every step reads whole, are kept in fp16 there (the prefill
-returns them so). One scale per whole column was measured too coarse for the embedding: base fell
-into a repetition loop at temperature 0 on lecture-en.flac (a fallback each time), where groups of
-64 keep it within 1% of the exact words.
+int8 weights (compiled on request only, CPU, never exact): the weights token rows read (every
+decoder linear a token goes through, and the token embedding / output projection) are int8 with one
+fp32 scale per 64 input rows of each output column, read by the int8 kernel: a quarter of fp32's
+bytes, half of fp16's. One scale per whole column was measured too coarse for the embedding (base
+fell into a repetition loop at temperature 0 on lecture-en.flac). Even by groups of 64, about 1% of
+the positions' best tokens change (teacher-forced, base, lecture-en.flac), nearly all through the
+output projection: so the prefill and step also return their final hidden states, and the runtime
+recomputes the logits near each row's best from the checkpoint's own embedding rows
+(runtime/engine.py). The audio's rows (every encoder linear, and the cross-attention key and value
+projections of the audio features) are int8 on both sides: each 64 values of a row quantized in the
+graph with a scale of their own, the weights with one scale per output, the products summed exactly
+in int32 by VNNI (kernels/, dynamic_int8_matmul: 2.3-3.6x the fp32 matmul on the encoder's shapes).
+The cross-attention keys and values every step reads whole are kept in fp16 (the prefill returns
+them so).
 """
 
 from __future__ import annotations
@@ -43,11 +49,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from max.dtype import DType
 from max.graph import BufferType, BufferValue, DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
-from .kernels import (ATTENTION_HEAD_DIM, INT8_GROUP, KERNELS_PATH, cached_query_attention, fp16_weight_matmul,
-                      grouped_query_attention, int8_weight_matmul, single_query_attention)
+from .kernels import (ATTENTION_HEAD_DIM, DYNAMIC_INT8_TILE, INT8_GROUP, KERNELS_PATH, cached_query_attention,
+                      dynamic_int8_matmul, fp16_weight_matmul, grouped_query_attention, int8_weight_matmul,
+                      quantize_rows, single_query_attention)
 
 LAYER_NORM_EPS = 1e-5
 
@@ -59,7 +68,9 @@ class WeightSpec:
     transform: "none" (as stored), "transpose" (2-D, (out, in) -> (in, out)),
     "conv1d_rscf" ((out, in, k) -> (1, k, in, out), conv2d's filter layout),
     "group_scale" (2-D (out, in) -> (in / 64, out): max |value| / 127 over each 64 inputs of an output,
-    the int8 scales of each output column's groups of 64 rows).
+    the int8 scales of each output column's groups of 64 rows), "output_scale" (2-D (out, in) ->
+    (out,): max |value| / 127 over each output's inputs), "vnni_pack" (with "int8": round(value / its
+    output's scale), packed in column tiles of 64 for dynamic_int8_matmul: (out / 64, in * 64)).
     The value is cast to `dtype` after the transform ("float32", or "float16": exact for tensors
     stored as fp16, rounded when the user compiled an fp32 checkpoint with 16-bit decoder weights),
     or for "int8" with "transpose", quantized: round(value / its group's scale), (in, out).
@@ -119,9 +130,10 @@ class WhisperGraphs:
         # the int8 build keeps the cross-attention keys and values the steps read in fp16
         self.cross_dtype = DType.float16 if int8_weights else DType.float32
         # The custom kernels (kernels/) are CPU code: the fp16- and int8-weight matmuls for narrow
-        # decoder weights, single-query attention for every decoder step.
+        # decoder weights and the int8 build's audio rows, single-query attention for every decoder step.
         self.use_kernels = (fp16_weights or int8_weights) and device.is_cpu()
         self.use_attention_kernel = device.is_cpu() and dims["n_text_state"] // dims["n_text_head"] == ATTENTION_HEAD_DIM
+        self._quantized_rows: dict[int, tuple] = {}  # id(x) -> (x, q, scale): one quantize_rows per value
 
     @property
     def uses_custom_kernels(self) -> bool:
@@ -129,7 +141,8 @@ class WhisperGraphs:
 
     def _graph(self, name: str, input_types: list) -> Graph:
         # A graph that calls a custom op must know its kernel library when it is built.
-        extensions = [KERNELS_PATH] if self.uses_custom_kernels and name.startswith("decoder") else []
+        extensions = ([KERNELS_PATH] if self.uses_custom_kernels and (name.startswith("decoder") or self.int8_weights)
+                      else [])
         return Graph(name, input_types=input_types, custom_extensions=extensions)
 
     # -- building blocks -------------------------------------------------------------------
@@ -162,10 +175,30 @@ class WhisperGraphs:
 
     def _linear(self, w: WeightSet, x: TensorValue, prefix: str, n_in: int, n_out: int, bias: bool = True,
                 many_rows: bool = False) -> TensorValue:
+        if self.int8_weights and (many_rows or not prefix.startswith("decoder")):
+            return self._audio_rows_int8_linear(w, x, prefix, n_in, n_out, bias)
         y = self._matmul(w, x, f"{prefix}.weight", (n_in, n_out), prefix.startswith("decoder"), many_rows)
         if bias:
             y = y + w.get(f"{prefix}.bias", (n_out,))
         return y
+
+    def _audio_rows_int8_linear(self, w: WeightSet, x: TensorValue, prefix: str, n_in: int, n_out: int,
+                                bias: bool) -> TensorValue:
+        """The int8 build's linears over the audio's rows (the encoder's, the cross-attention keys and
+        values of the audio features): each 64 values of a row of x quantized to int8 in the graph with
+        a scale of their own, times int8 weights with one scale per output, summed exactly in int32
+        (VNNI). x is quantized once for every linear that reads it (query, key and value)."""
+        rows = ops.reshape(x, [-1, n_in])
+        hit = self._quantized_rows.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = (x, *quantize_rows(rows, INT8_GROUP))
+            self._quantized_rows[id(x)] = hit
+        source = f"{prefix}.weight"
+        weight = w.get(source, (n_out // DYNAMIC_INT8_TILE, n_in * DYNAMIC_INT8_TILE), "vnni_pack", DType.int8)
+        scale = w.get(source, (n_out,), "output_scale")
+        offset = (w.get(f"{prefix}.bias", (n_out,)) if bias
+                  else ops.constant(np.zeros(n_out, dtype=np.float32), DType.float32, device=self.device))
+        return ops.reshape(dynamic_int8_matmul(hit[1], hit[2], weight, scale, offset), [*x.shape[:-1], n_out])
 
     def _layer_norm(self, w: WeightSet, x: TensorValue, prefix: str, n_state: int) -> TensorValue:
         return ops.layer_norm(x, w.get(f"{prefix}.weight", (n_state,)), w.get(f"{prefix}.bias", (n_state,)), LAYER_NORM_EPS)
@@ -236,7 +269,7 @@ class WhisperGraphs:
         n_state, n_head = d["n_audio_state"], d["n_audio_head"]
         w = WeightSet(self.device)
         mel_type = TensorType(DType.float32, ["batch", d["n_mels"], 2 * d["n_audio_ctx"]], device=self.device)
-        with Graph("encoder", input_types=[mel_type]) as graph:
+        with self._graph("encoder", [mel_type]) as graph:
             mel = graph.inputs[0].tensor
             # Channels-last with a unit height: conv2d's NHWC layout gives [batch, 1, ctx, state].
             x = ops.unsqueeze(ops.permute(mel, [0, 2, 1]), 1)
@@ -346,7 +379,8 @@ class WhisperGraphs:
 
     def decoder_prefill(self) -> BuiltGraph:
         """Inputs: tokens int64 [batch, n], logit_positions int64 [p], audio_features [batch, n_audio_ctx, state].
-        Outputs: logits [batch, p, vocab], then per layer self k_t, self v, then per layer cross k_t, cross v."""
+        Outputs: logits [batch, p, vocab], then per layer self k_t, self v, then per layer cross k_t, cross v;
+        the int8 build adds the hidden states at the logit positions, [batch, p, state]."""
         d = self.dims
         w = WeightSet(self.device)
         input_types = [
@@ -367,11 +401,12 @@ class WhisperGraphs:
                 return self._merge_heads(self._attend(q, k_t, v, causal=True)), [k_t, v]
 
             x, cache = self._decoder_layers(w, x, self_attention, cross)
-            logits = self._logits(w, ops.gather(x, logit_positions, axis=1))
+            hidden = ops.gather(x, logit_positions, axis=1)
             cross_out = [t for pair in cross for t in pair]
             if self.cross_dtype != DType.float32:
                 cross_out = [ops.cast(t, self.cross_dtype) for t in cross_out]
-            graph.output(logits, *cache, *cross_out)
+            rescoring = [hidden] if self.int8_weights else []  # the hidden states, for the runtime (module docstring)
+            graph.output(self._logits(w, hidden), *cache, *cross_out, *rescoring)
         return BuiltGraph("decoder_prefill", graph, tuple(w.specs.values()))
 
     def decoder_step(self) -> BuiltGraph:
@@ -381,7 +416,7 @@ class WhisperGraphs:
         capacity, head_dim] as mutable buffers holding each row's positions before its `position` (the
         step writes `position` into them), then per layer cross k_t [n_audio, ...] and
         cross v [n_audio, ...] (as the prefill of the n_audio audio rows returned them).
-        Outputs: logits [batch, vocab]."""
+        Outputs: logits [batch, vocab]; the int8 build adds the hidden states, [batch, state]."""
         d = self.dims
         n_state, n_head = d["n_text_state"], d["n_text_head"]
         head_dim = n_state // n_head
@@ -409,7 +444,10 @@ class WhisperGraphs:
                 return self._cached_self_attention(w, h, prefix, caches[2 * i], caches[2 * i + 1], position), []
 
             x, _ = self._decoder_layers(w, x, self_attention, cross, kv_rows=kv_rows)
-            graph.output(ops.squeeze(self._logits(w, x), 1))
+            outputs = [ops.squeeze(self._logits(w, x), 1)]
+            if self.int8_weights:  # the hidden states, for the runtime's rescoring (module docstring)
+                outputs.append(ops.squeeze(x, 1))
+            graph.output(*outputs)
         return BuiltGraph("decoder_step", graph, tuple(w.specs.values()))
 
     # -- word alignment ----------------------------------------------------------------------

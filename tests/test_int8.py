@@ -1,5 +1,5 @@
-"""The int8 decoder build (`make compile DECODER_WEIGHTS=int8`, the runtime's compute type int8): its
-quantization, the folder it is kept in beside the exact build, the refusals where it does not apply,
+"""The int8 build (`make compile DECODER_WEIGHTS=int8`, the runtime's compute type int8): its
+quantization (the decoder's token-row weights by groups of 64 inputs, the audio rows' weights by output), the folder it is kept in beside the exact build, the refusals where it does not apply,
 and on openai's real tiny.en a transcript close to the exact one (the agreement is printed; what is
 asserted is a loose bound, since the build is not exact by design).
 """
@@ -34,6 +34,48 @@ def test_quantization_rounds_each_group_of_64_inputs_to_its_own_scale():
     assert scale[1, 5] == pytest.approx(4.0 / 127) and scale[0, 5] < scale[1, 5] / 10
 
 
+def test_per_output_quantization_packs_each_column_tile_for_the_kernel():
+    from runtime.engine import ArtifactError, _quantize_per_output
+
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((320, 96)) * 0.05).astype(np.float16)  # (out, in); 5 tiles of 64 outputs
+    weight[3] = 0
+    weight[70, 5] = 4.0  # an outlier coarsens its own output only
+    packed, scale = _quantize_per_output(weight, rows=128)  # blocks that split the tiles unevenly
+    assert packed.shape == (5, 96 * 64) and packed.dtype == np.int8 and scale.shape == (320,)
+    # element [t, g * 256 + c * 4 + j] is output 64t + c, input 4g + j
+    values = packed.reshape(5, 24, 64, 4).transpose(0, 2, 1, 3).reshape(320, 96)
+    assert packed[1, 2 * 256 + 6 * 4 + 1] == values[70, 9]
+    assert np.all(np.abs(values * scale[:, None] - weight.astype(np.float32)) <= scale[:, None] / 2 + 1e-8)
+    assert not values[3].any() and scale[3] == 0
+    assert np.all(np.abs(values.astype(np.int32)).max(axis=1)[np.arange(320) != 3] == 127)
+    assert scale[70] == pytest.approx(4.0 / 127) and scale[71] < scale[70] / 10
+    with pytest.raises(ArtifactError, match="multiple of 64 outputs"):
+        _quantize_per_output(weight[:100])
+
+
+def test_rescoring_recomputes_the_logits_near_each_rows_best():
+    """The int8 build's logits within the margin of a row's best are replaced by the embedding's own
+    product: the best token is the exact one again; logits further down are left as they were."""
+    from runtime.engine import RESCORE_MARGIN, rescore_near_best
+
+    rng = np.random.default_rng(2)
+    embedding = rng.standard_normal((300, 16)).astype(np.float16)
+    hidden = rng.standard_normal((2, 3, 16)).astype(np.float32)  # a prefill's [batch, positions, state]
+    exact = hidden @ embedding.astype(np.float32).T
+    noisy = (exact + rng.uniform(-0.5, 0.5, exact.shape)).astype(np.float32)
+    best = exact.argmax(axis=-1)
+    # the int8 error puts a runner-up first in one row
+    runner_up = np.argsort(exact[0, 1])[-2]
+    noisy[0, 1, runner_up] = noisy[0, 1, best[0, 1]] + 0.3
+    rescored = noisy.copy()
+    rescore_near_best(rescored, hidden, embedding)
+    assert np.array_equal(rescored.argmax(axis=-1), best)
+    near = noisy >= noisy.max(axis=-1, keepdims=True) - RESCORE_MARGIN
+    np.testing.assert_allclose(rescored[near], exact[near], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(rescored[~near], noisy[~near]) and (~near).sum() > 1000
+
+
 def test_int8_build_is_refused_where_it_does_not_apply(tiny_model_dir, tmp_path):
     from graph_builders.compile import CompileError, compile_model
     from runtime import load_model
@@ -65,15 +107,23 @@ def test_int8_build_sits_beside_the_exact_one(real_tiny_en_dir, real_tiny_en_int
 
     int8 = json.loads((real_tiny_en_dir / "cpu-int8" / "manifest.json").read_text())
     exact = json.loads((real_tiny_en_dir / "cpu" / "manifest.json").read_text())
-    assert int8["decoder_weights"] == {"dtype": "int8", "exact": False}
+    assert int8["decoder_weights"] == {"dtype": "int8", "exact": False, "hidden_output": True}
     assert exact["decoder_weights"] == {"dtype": "float16", "exact": True}
     step = {w["name"]: w for w in int8["graphs"]["decoder_step"]["weights"]}
     assert step["decoder.token_embedding.weight:transpose@int8"]["shape"] == [384, 51864]
     assert step["decoder.token_embedding.weight:group_scale"]["shape"] == [6, 51864]
-    # the audio's key and value projections, not read per token, stay the exact fp16 values
-    prefill = {w["name"] for w in int8["graphs"]["decoder_prefill"]["weights"]}
-    assert "decoder.blocks.0.cross_attn.key.weight:transpose@float16" in prefill
-    assert int8["graphs"]["encoder"]["signature"] == exact["graphs"]["encoder"]["signature"]
+    # the audio's rows (the encoder's linears, the cross-attention key and value projections of the
+    # audio) are int8 by output, packed for the kernel; the convolutions stay fp32
+    prefill = {w["name"]: w for w in int8["graphs"]["decoder_prefill"]["weights"]}
+    assert prefill["decoder.blocks.0.cross_attn.key.weight:vnni_pack@int8"]["shape"] == [6, 384 * 64]
+    assert prefill["decoder.blocks.0.cross_attn.key.weight:output_scale"]["shape"] == [384]
+    assert not any("cross_attn.key" in name and "float16" in name for name in prefill)
+    encoder = {w["name"]: w for w in int8["graphs"]["encoder"]["weights"]}
+    assert encoder["encoder.blocks.0.mlp.0.weight:vnni_pack@int8"]["shape"] == [1536 // 64, 384 * 64]
+    assert encoder["encoder.blocks.3.mlp.2.weight:vnni_pack@int8"]["shape"] == [384 // 64, 1536 * 64]
+    assert "encoder.conv2.weight:conv1d_rscf" in encoder
+    assert not any(name.endswith(":transpose") for name in encoder)
+    assert int8["cpu_features"] == exact["cpu_features"] and "avx2" in exact["cpu_features"]
     # the audio's cross-attention keys and values the steps read: fp16 here, fp32 in the exact build
     cross = 3 + 2 * int8["model"]["dims"]["n_text_layer"]
     assert int8["graphs"]["decoder_step"]["inputs"][cross]["dtype"] == "DType.float16"
@@ -86,6 +136,38 @@ def test_int8_build_sits_beside_the_exact_one(real_tiny_en_dir, real_tiny_en_int
     (swapped / "cpu-int8").rename(swapped / "cpu")
     with pytest.raises(ArtifactError, match="holds an int8 build, compute type exact was asked for"):
         load_model(swapped)
+
+
+def test_an_int8_build_whose_steps_return_no_hidden_states_is_refused(real_tiny_en_dir, real_tiny_en_int8,
+                                                                     isolated_copy):
+    from runtime import load_model
+    from runtime.engine import ArtifactError
+
+    copy = isolated_copy(real_tiny_en_dir)
+    manifest_path = copy / "cpu-int8" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["decoder_weights"]["hidden_output"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"an int8 build of an earlier version .*DECODER_WEIGHTS=int8"):
+        load_model(copy, compute_type="int8")
+
+
+def test_a_build_from_a_cpu_with_features_this_one_lacks_is_refused(real_tiny_en_dir, real_tiny_en_int8,
+                                                                    isolated_copy, monkeypatch):
+    """Compiled code uses the building CPU's instructions (the int8 build: VNNI); elsewhere it would
+    crash, so the runtime names what is missing and the command that rebuilds for this CPU."""
+    import runtime.engine
+    from runtime import load_model
+    from runtime.engine import ArtifactError
+
+    copy = isolated_copy(real_tiny_en_dir)
+    manifest_path = copy / "cpu-int8" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["cpu_features"] = ["avx2", "avx512_vnni"]
+    manifest_path.write_text(json.dumps(manifest))
+    monkeypatch.setattr(runtime.engine, "cpu_features", lambda: ["avx2", "fma"])
+    with pytest.raises(ArtifactError, match=r"built on a CPU with avx512_vnni, which this CPU lacks; .*make compile"):
+        load_model(copy, compute_type="int8")
 
 
 @pytest.fixture(scope="module")

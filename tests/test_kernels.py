@@ -23,8 +23,9 @@ def kernel_graphs():
 
     from max.graph import BufferType
 
-    from graph_builders.kernels import (KERNELS_PATH, cached_query_attention, fp16_weight_matmul,
-                                        grouped_query_attention, int8_weight_matmul, single_query_attention)
+    from graph_builders.kernels import (KERNELS_PATH, cached_query_attention, dynamic_int8_matmul,
+                                        fp16_weight_matmul, grouped_query_attention, int8_weight_matmul,
+                                        quantize_rows, single_query_attention)
 
     session = InferenceSession(devices=[CPU()])
     cpu = DeviceRef.CPU()
@@ -67,7 +68,15 @@ def kernel_graphs():
                custom_extensions=[KERNELS_PATH]) as graph:
         graph.output(grouped_query_attention(*(v.tensor for v in graph.inputs)))
     grouped16 = session.load(graph)
-    return attention, matmul, grouped, cached, int8_matmul, grouped16
+    dynamic_inputs = [TensorType(DType.float32, ["m", "k"], cpu), TensorType(DType.int8, ["tiles", "packed"], cpu),
+                      TensorType(DType.float32, ["n"], cpu), TensorType(DType.float32, ["n"], cpu)]
+    with Graph("dynamic_int8_kernel", input_types=dynamic_inputs, custom_extensions=[KERNELS_PATH]) as graph:
+        x, w, w_scale, bias = (v.tensor for v in graph.inputs)
+        q, q_scale = quantize_rows(x, 64)
+        graph.output(q, q_scale, dynamic_int8_matmul(q, q_scale, w, w_scale, bias),
+                     dynamic_int8_matmul(q, q_scale, w, w_scale, bias, portable=True))
+    dynamic = session.load(graph)
+    return attention, matmul, grouped, cached, int8_matmul, grouped16, dynamic
 
 
 def _grouped_inputs(kv_rows, positions, kv_dtype, seed):
@@ -225,3 +234,55 @@ def test_int8_weight_matmul_matches_numpy(kernel_graphs, m, k, n):
     expected = x.astype(np.float64) @ (w.astype(np.float64) * np.repeat(scale, 64, axis=0))
     assert np.abs(ours - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
     assert not ours[:, n // 2].any()
+
+
+def _dynamic_int8(kernel_graphs, x, weight):
+    """quantize_rows and dynamic_int8_matmul (VNNI and portable) on x and `weight` (out, in), packed
+    as the runtime packs it; returns q, its scales, both products and the weight's int8 values and scales."""
+    from max.driver import Buffer
+
+    from runtime.engine import _quantize_per_output
+
+    packed, w_scale = _quantize_per_output(weight)
+    bias = np.linspace(-1, 1, weight.shape[0], dtype=np.float32)
+    q, q_scale, vnni, portable = (o.to_numpy() for o in kernel_graphs[6].execute(
+        *(Buffer.from_numpy(a) for a in (x, packed, w_scale, bias))))
+    n, k = weight.shape
+    w_int8 = packed.reshape(n // 64, k // 4, 64, 4).transpose(0, 2, 1, 3).reshape(n, k)
+    return q, q_scale, vnni, portable, w_int8, w_scale, bias
+
+
+def test_quantize_rows_gives_each_64_values_of_a_row_their_own_scale(kernel_graphs):
+    """One symmetric scale per 64 values of a row (max |x| / 127; 1 for zeros), values offset to 1..255."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 128)).astype(np.float32)
+    x[2, :64] = 0
+    x[4, 7] = 300.0  # an outlier coarsens its own 64 values only
+    q, q_scale, *_ = _dynamic_int8(kernel_graphs, x, rng.standard_normal((64, 128)).astype(np.float32))
+    expected_scale = np.abs(x).reshape(9, 2, 64).max(axis=2) / 127
+    expected_scale[2, 0] = 1
+    np.testing.assert_allclose(q_scale, expected_scale, rtol=1e-6)
+    assert q.dtype == np.uint8 and q.min() >= 1 and q.max() <= 255 and np.all(q[2, :64] == 128)
+    per_value = np.repeat(q_scale, 64, axis=1)
+    error = np.abs((q.astype(np.float64) - 128) * per_value - x)
+    assert np.all(error <= per_value * 0.5 * (1 + 1e-5))
+    assert q[4, 7] == 255 and error[4, :64].max() > 10 * error[4, 64:].max()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 64), (7, 384, 128), (13, 1536, 192), (1500, 384, 384), (1501, 512, 64)])
+def test_dynamic_int8_matmul_sums_exactly(kernel_graphs, m, k, n):
+    """Each 64 columns' integer products summed exactly, times their row scale, then the weight scale and
+    the bias: over micro-tile and thread tails (row counts off 6 and uneven halves), column tiles and
+    the encoder's widths; the VNNI path and the portable one give the same bits."""
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    weight = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    q, q_scale, vnni, portable, w_int8, w_scale, bias = _dynamic_int8(kernel_graphs, x, weight)
+    np.testing.assert_array_equal(vnni, portable)
+    groups = [(q[:, g:g + 64].astype(np.int64) - 128) @ w_int8[:, g:g + 64].T.astype(np.int64)
+              for g in range(0, k, 64)]
+    expected = sum(part * q_scale[:, [i]].astype(np.float64) for i, part in enumerate(groups)) * w_scale + bias
+    assert np.abs(vnni - expected).max() <= 1e-6 * np.abs(expected).max()
+    # and it is the product it approximates
+    exact = x.astype(np.float64) @ weight.T.astype(np.float64) + bias
+    assert np.abs(vnni - exact).max() < 0.03 * np.abs(exact).max()

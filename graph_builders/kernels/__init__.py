@@ -3,6 +3,8 @@
 ``fp16_weight_matmul(x, w)``: out[M, N] f32 = x[M, K] f32 @ f32(w[K, N] f16),
 fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
 ``int8_weight_matmul(x, w, scale)``: the same over int8 weights with one scale per 64 rows of a column.
+``quantize_rows(x)`` and ``dynamic_int8_matmul(q, q_scale, w, w_scale, bias)``: int8 activations times
+int8 weights, summed exactly in int32 (AVX-512 VNNI where the CPU has it), for the int8 build's encoder.
 
 Usage::
 
@@ -23,7 +25,7 @@ import subprocess
 from pathlib import Path
 
 from max.dtype import DType
-from max.graph import BufferValue, DeviceRef, TensorType, TensorValue, ops
+from max.graph import BufferValue, DeviceRef, StaticDim, TensorType, TensorValue, ops
 
 from contracts import INT8_GROUP  # rows of an int8 weight column that share one scale (the kernel's GROUP)
 
@@ -35,10 +37,14 @@ ATTENTION_OP_NAME = "single_query_attention"
 GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
 GROUPED_ATTENTION_F16KV_OP_NAME = "grouped_query_attention_f16kv"
 CACHED_ATTENTION_OP_NAME = "cached_query_attention"
+QUANTIZE_ROWS_OP_NAME = "quantize_rows"
+DYNAMIC_INT8_OP_NAME = "dynamic_int8_matmul"
+DYNAMIC_INT8_TILE = 64  # the packed weight's column tile (dynamic_int8_matmul.mojo, NT)
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
-__all__ = ["ATTENTION_HEAD_DIM", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "build_mojoc", "cached_query_attention",
-           "fp16_weight_matmul", "grouped_query_attention", "int8_weight_matmul", "single_query_attention"]
+__all__ = ["ATTENTION_HEAD_DIM", "DYNAMIC_INT8_TILE", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "build_mojoc",
+           "cached_query_attention", "dynamic_int8_matmul", "fp16_weight_matmul", "grouped_query_attention",
+           "int8_weight_matmul", "quantize_rows", "single_query_attention"]
 
 
 def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
@@ -78,6 +84,48 @@ def int8_weight_matmul(x: TensorValue, w: TensorValue, scale: TensorValue) -> Te
         raise TypeError(f"expected x float32, w int8, scale float32, got {x.dtype}, {w.dtype}, {scale.dtype}")
     out_type = TensorType(DType.float32, [x.shape[0], w.shape[1]], device=DeviceRef.CPU())
     return ops.custom(INT8_OP_NAME, device=DeviceRef.CPU(), values=[x, w, scale], out_types=[out_type])[0].tensor
+
+
+def quantize_rows(x: TensorValue, group: int) -> tuple[TensorValue, TensorValue]:
+    """x [M, K] float32 -> (q [M, K] uint8, scale [M, K / group] float32): each `group` consecutive
+    values of a row rounded to int8 with one symmetric scale, max |value| / 127 (1 for zeros), stored
+    offset by +128 (1..255): x[m, k] ~= (q[m, k] - 128) * scale[m, k // group]. K must be a multiple
+    of `group`, `group` of 16. CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
+    """
+    x = TensorValue(x)
+    if x.rank != 2 or x.dtype != DType.float32:
+        raise TypeError(f"expected x float32 [M, K], got {x.dtype} {x.shape}")
+    columns = x.shape[1]
+    if group % 16 or (isinstance(columns, StaticDim) and int(columns) % group):
+        raise ValueError(f"quantize_rows: {columns} columns do not split into groups of {group} (a multiple of 16)")
+    q, scale = ops.custom(QUANTIZE_ROWS_OP_NAME, device=DeviceRef.CPU(), values=[x],
+                          out_types=[TensorType(DType.uint8, x.shape, device=DeviceRef.CPU()),
+                                     TensorType(DType.float32, [x.shape[0], columns // group], device=DeviceRef.CPU())])
+    return q.tensor, scale.tensor
+
+
+def dynamic_int8_matmul(q: TensorValue, q_scale: TensorValue, w: TensorValue, w_scale: TensorValue,
+                        bias: TensorValue, portable: bool = False) -> TensorValue:
+    """quantize_rows's (q, q_scale) times int8 weights -> [M, N] float32: for each group g of q's
+    columns, ((q - 128)[:, g] @ w[g, :]) summed exactly in int32, times q_scale[m, g]; the groups'
+    sum times w_scale[n], plus bias[n].
+
+    w is the int8 [K, N] weight packed in column tiles of 64: [N / 64, K * 64], element
+    [t, g * 256 + c * 4 + j] = w[4g + j, 64t + c] (runtime/engine.py packs it); w_scale [N] and
+    bias [N] float32. N must be a multiple of 64, K of 4. AVX-512 VNNI when the CPU has it, else
+    (or with ``portable``, for tests) the same sums in widened integer arithmetic. CPU only; needs
+    ``custom_extensions=[KERNELS_PATH]``.
+    """
+    q, q_scale, w, w_scale, bias = (TensorValue(v) for v in (q, q_scale, w, w_scale, bias))
+    if q.rank != 2 or w.rank != 2 or q_scale.rank != 2 or w_scale.rank != 1 or bias.rank != 1:
+        raise ValueError(f"expected q [M, K], q_scale [M, groups], w [N/64, K*64], w_scale [N], bias [N], got "
+                         f"{q.shape}, {q_scale.shape}, {w.shape}, {w_scale.shape}, {bias.shape}")
+    if (q.dtype != DType.uint8 or w.dtype != DType.int8
+            or any(v.dtype != DType.float32 for v in (q_scale, w_scale, bias))):
+        raise TypeError("dynamic_int8_matmul takes uint8 q, int8 w and float32 scales and bias")
+    out_type = TensorType(DType.float32, [q.shape[0], w_scale.shape[0]], device=DeviceRef.CPU())
+    return ops.custom(DYNAMIC_INT8_OP_NAME, device=DeviceRef.CPU(), values=[q, q_scale, w, w_scale, bias],
+                      out_types=[out_type], parameters={"portable": portable})[0].tensor
 
 
 def single_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue) -> TensorValue:
