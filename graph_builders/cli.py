@@ -22,8 +22,8 @@ def main() -> None:
 @click.option("--decoder-weights", type=click.Choice(DECODER_WEIGHTS), default="auto", show_default=True,
               help="auto: fp16 when the checkpoint's tensors are fp16 (exact), else fp32; "
                    "fp16: round an fp32 checkpoint's decoder weights to fp16 (faster, other numerics); "
-                   "int8: the decoder's per-token weights in int8, CPU, into <model>/cpu-int8 beside the exact "
-                   "build (faster, not exact; the runtime's --compute-type int8)")
+                   "int8: the decoder's per-token weights and the encoder's matmuls in int8, CPU, into "
+                   "<model>/cpu-int8 beside the exact build (faster, not exact; the runtime's --compute-type int8)")
 def compile_command(artifact_dir: Path, device: str, arch: str | None, decoder_weights: str) -> None:
     try:
         target = compile_model(artifact_dir, device, arch, log=lambda m: click.echo(m, err=True),

@@ -9,7 +9,7 @@ from contracts import COMPUTE_TYPES
 # --compute-type, as every `runtime` command that loads a model spells it
 compute_type_option = click.option(
     "--compute-type", type=click.Choice(COMPUTE_TYPES), default="exact", show_default=True,
-    help="exact: the checkpoint's own values (openai-whisper's tokens); int8: the decoder's int8 build "
+    help="exact: the checkpoint's own values (openai-whisper's tokens); int8: the int8 build "
          "(make compile DECODER_WEIGHTS=int8; CPU, faster, not token-identical)")
 
 
