@@ -155,9 +155,9 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
         **provenance,
         "kernels_sha256": kernels,
         "decoder_weights": {"dtype": weight_dtype, "exact": weights_exact,
-                            # the int8 prefill and step return their hidden states last, for the
-                            # runtime's rescoring of the logits near the best (graphs.py)
-                            **({"hidden_output": True} if weight_dtype == "int8" else {})},
+                            # the int8 graphs recompute the logits near each row's best themselves
+                            # (graphs.py); earlier int8 builds left that to the runtime
+                            **({"logits": "rescored"} if weight_dtype == "int8" else {})},
         "model": {"name": model["name"], "dims": model["dims"], "source_sha256": model["source"]["sha256"],
                   "source_format": model["source"].get("format", "openai"),
                   "weights_file": model["weights"]["file"], "weights_sha256": model["weights"]["sha256"]},

@@ -29,17 +29,18 @@ result is the fp32 product from half the bytes; elsewhere the weights are cast t
 graph. Both compute in fp32 on the checkpoint's exact values. The encoder keeps fp32 weights.
 
 int8 weights (compiled on request only, CPU, never exact): the weights token rows read (every
-decoder linear a token goes through, and the token embedding / output projection) are int8 with one
-fp32 scale per 64 input rows of each output column, read by the int8 kernel: a quarter of fp32's
-bytes, half of fp16's. One scale per whole column was measured too coarse for the embedding (base
-fell into a repetition loop at temperature 0 on lecture-en.flac). Even by groups of 64, about 1% of
-the positions' best tokens change (teacher-forced, base, lecture-en.flac), nearly all through the
-output projection: so the prefill and step also return their final hidden states, and the runtime
-recomputes the logits near each row's best from the checkpoint's own embedding rows
-(runtime/engine.py). The audio's rows (every encoder linear, and the cross-attention key and value
-projections of the audio features) are int8 on both sides: each 64 values of a row quantized in the
-graph with a scale of their own, the weights with one scale per output, the products summed exactly
-in int32 by VNNI (kernels/, dynamic_int8_matmul: 2.3-3.6x the fp32 matmul on the encoder's shapes).
+decoder linear a token goes through) are int8 with one fp32 scale per 64 input rows of each output
+column, read by the int8 kernel: a quarter of fp32's bytes, half of fp16's. The output projection
+(the token embedding, the largest weight) is int8 on both sides (kernels/, int8_logits: the hidden
+states quantized per 64 values, one scale per token, VNNI), and every logit within RESCORE_MARGIN of
+its row's best is then recomputed in fp32 from the embedding's own fp16 rows, which the token lookup
+reads too. Without that, about 1% of the positions' best tokens change (teacher-forced, base,
+lecture-en.flac), nearly all through the output projection; the int8 products move a logit near the
+top by 0.49 at most (base; tiny.en 0.34; lecture-en.flac), well inside the margin. The audio's rows
+(every encoder linear, and the cross-attention key and value projections of the audio features) are
+int8 on both sides: each 64 values of a row quantized in the graph with a scale of their own, the
+weights with one scale per output, the products summed exactly in int32 by VNNI (kernels/,
+dynamic_int8_matmul: 2.3-3.6x the fp32 matmul on the encoder's shapes).
 The cross-attention keys and values every step reads whole are kept in fp16 (the prefill returns
 them so).
 """
@@ -55,8 +56,12 @@ from max.dtype import DType
 from max.graph import BufferType, BufferValue, DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
 from .kernels import (ATTENTION_HEAD_DIM, DYNAMIC_INT8_TILE, INT8_GROUP, KERNELS_PATH, cached_query_attention,
-                      dynamic_int8_matmul, fp16_weight_matmul, grouped_query_attention, int8_weight_matmul,
-                      quantize_rows, single_query_attention)
+                      dynamic_int8_matmul, fp16_weight_matmul, grouped_query_attention, int8_logits,
+                      int8_weight_matmul, quantize_rows, single_query_attention)
+
+# The int8 build's logits within this much of a row's best are recomputed in fp32 (module docstring):
+# two tokens whose int8 logits are further apart than this keep their order.
+RESCORE_MARGIN = 2.0
 
 LAYER_NORM_EPS = 1e-5
 
@@ -356,21 +361,30 @@ class WhisperGraphs:
 
     def _logits(self, w: WeightSet, x: TensorValue) -> TensorValue:
         d = self.dims
+        source, n_state, n_vocab = "decoder.token_embedding.weight", d["n_text_state"], d["n_vocab"]
+        if self.int8_weights:  # int8 products, those near the best recomputed (module docstring)
+            rows = ops.reshape(x, [-1, n_state])
+            q, q_scale = quantize_rows(rows, INT8_GROUP)
+            tiles = -(-n_vocab // DYNAMIC_INT8_TILE)
+            packed = w.get(source, (tiles, n_state * DYNAMIC_INT8_TILE), "vnni_pack", DType.int8)
+            scale = w.get(source, (tiles * DYNAMIC_INT8_TILE,), "output_scale")
+            logits = int8_logits(rows, q, q_scale, packed, scale, self._embedding_rows(w), RESCORE_MARGIN)
+            return ops.reshape(logits, [*x.shape[:-1], n_vocab])
         # The output projection shares the token embedding; stored (state, vocab) for `x @ W`.
-        return self._matmul(w, x, "decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"]), decoder=True)
+        return self._matmul(w, x, source, (n_state, n_vocab), decoder=True)
+
+    def _embedding_rows(self, w: WeightSet) -> Weight:
+        """The int8 build's token embedding as the checkpoint has it, (vocab, state) in fp16."""
+        d = self.dims
+        return w.get("decoder.token_embedding.weight", (d["n_vocab"], d["n_text_state"]), "none", DType.float16)
 
     def _embed(self, w: WeightSet, tokens: TensorValue, positions: TensorValue) -> TensorValue:
         d = self.dims
         # The tokens' columns of the output projection's (state, vocab) copy of the embedding: one
         # copy of the largest weight instead of two (base: 53 MB less; a gather costs microseconds).
         source, shape = "decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"])
-        if self.int8_weights:
-            table, scale = self._int8_weight(w, source, shape)
-            groups = shape[0] // INT8_GROUP
-            columns = ops.reshape(ops.cast(ops.gather(table, tokens, axis=1), DType.float32),
-                                  [groups, INT8_GROUP, *tokens.shape])  # [groups, 64, batch, n]
-            scaled = columns * ops.unsqueeze(ops.gather(scale, tokens, axis=1), 1)
-            tok = ops.permute(ops.reshape(scaled, [shape[0], *tokens.shape]), [1, 2, 0])
+        if self.int8_weights:  # the fp16 rows the logits recompute from: the embedding's own values
+            tok = ops.cast(ops.gather(self._embedding_rows(w), tokens, axis=0), DType.float32)
         else:
             table = w.get(source, shape, "transpose", DType.float16 if self.fp16_weights else DType.float32)
             tok = ops.cast(ops.permute(ops.gather(table, tokens, axis=1), [1, 2, 0]), DType.float32)
@@ -379,8 +393,7 @@ class WhisperGraphs:
 
     def decoder_prefill(self) -> BuiltGraph:
         """Inputs: tokens int64 [batch, n], logit_positions int64 [p], audio_features [batch, n_audio_ctx, state].
-        Outputs: logits [batch, p, vocab], then per layer self k_t, self v, then per layer cross k_t, cross v;
-        the int8 build adds the hidden states at the logit positions, [batch, p, state]."""
+        Outputs: logits [batch, p, vocab], then per layer self k_t, self v, then per layer cross k_t, cross v."""
         d = self.dims
         w = WeightSet(self.device)
         input_types = [
@@ -405,8 +418,7 @@ class WhisperGraphs:
             cross_out = [t for pair in cross for t in pair]
             if self.cross_dtype != DType.float32:
                 cross_out = [ops.cast(t, self.cross_dtype) for t in cross_out]
-            rescoring = [hidden] if self.int8_weights else []  # the hidden states, for the runtime (module docstring)
-            graph.output(self._logits(w, hidden), *cache, *cross_out, *rescoring)
+            graph.output(self._logits(w, hidden), *cache, *cross_out)
         return BuiltGraph("decoder_prefill", graph, tuple(w.specs.values()))
 
     def decoder_step(self) -> BuiltGraph:
@@ -416,7 +428,7 @@ class WhisperGraphs:
         capacity, head_dim] as mutable buffers holding each row's positions before its `position` (the
         step writes `position` into them), then per layer cross k_t [n_audio, ...] and
         cross v [n_audio, ...] (as the prefill of the n_audio audio rows returned them).
-        Outputs: logits [batch, vocab]; the int8 build adds the hidden states, [batch, state]."""
+        Outputs: logits [batch, vocab]."""
         d = self.dims
         n_state, n_head = d["n_text_state"], d["n_text_head"]
         head_dim = n_state // n_head
@@ -444,10 +456,7 @@ class WhisperGraphs:
                 return self._cached_self_attention(w, h, prefix, caches[2 * i], caches[2 * i + 1], position), []
 
             x, _ = self._decoder_layers(w, x, self_attention, cross, kv_rows=kv_rows)
-            outputs = [ops.squeeze(self._logits(w, x), 1)]
-            if self.int8_weights:  # the hidden states, for the runtime's rescoring (module docstring)
-                outputs.append(ops.squeeze(x, 1))
-            graph.output(*outputs)
+            graph.output(ops.squeeze(self._logits(w, x), 1))
         return BuiltGraph("decoder_step", graph, tuple(w.specs.values()))
 
     # -- word alignment ----------------------------------------------------------------------

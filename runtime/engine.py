@@ -7,7 +7,6 @@ mismatch is an ArtifactError naming the command that rebuilds what is wrong.
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,21 +70,24 @@ def _quantize(array: np.ndarray, rows: int = 64) -> tuple[np.ndarray, np.ndarray
 
 
 def _quantize_per_output(array: np.ndarray, tile: int = 64, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """A 2-D (out, in) weight for the int8 build's audio rows, in one pass: rounded to int8 with one
-    scale per output, max |value| / 127 (0 for an output of zeros), packed as dynamic_int8_matmul
-    reads it: (out / 64, in * 64), tile t holding w[64t + c, 4g + j] at g * 256 + c * 4 + j; and the
-    scales, (out,). `rows` outputs at a time, to stay in the cache."""
-    if array.ndim != 2 or array.shape[0] % tile or array.shape[1] % 4:
-        raise ArtifactError(f"int8 audio-row weights need a 2-D tensor of a multiple of {tile} outputs and of 4 "
-                            f"inputs, this one has shape {list(array.shape)}; rebuild the artifacts with this "
-                            "version's make compile")
+    """A 2-D (out, in) weight for the int8 build's VNNI products (the audio rows, the output projection),
+    in one pass: rounded to int8 with one scale per output, max |value| / 127 (0 for an output of
+    zeros), packed as dynamic_int8_matmul reads it: (ceil(out / 64), in * 64), tile t holding
+    w[64t + c, 4g + j] at g * 256 + c * 4 + j; and the scales, (tiles * 64,). Outputs past `out` (the
+    vocabulary's last tile) are zeros with scale 0. `rows` outputs at a time, to stay in the cache."""
+    if array.ndim != 2 or array.shape[1] % 4 or rows % tile:
+        raise ArtifactError(f"int8 weights for VNNI need a 2-D tensor of a multiple of 4 inputs, this one has "
+                            f"shape {list(array.shape)}; rebuild the artifacts with this version's make compile")
     out_dim, n_in = array.shape
-    packed = np.empty((out_dim // tile, n_in * tile), dtype=np.int8)
-    scale = np.empty(out_dim, dtype=np.float32)
+    n_tiles = -(-out_dim // tile)
+    packed = np.empty((n_tiles, n_in * tile), dtype=np.int8)
+    scale = np.zeros(n_tiles * tile, dtype=np.float32)
     for first in range(0, out_dim, rows):
         block = array[first:first + rows].astype(np.float32)
+        if len(block) % tile:
+            block = np.concatenate([block, np.zeros((tile - len(block) % tile, n_in), dtype=np.float32)])
         block_scale = np.maximum(block.max(axis=1), -block.min(axis=1)) / INT8_MAX
-        scale[first:first + rows] = block_scale
+        scale[first:first + len(block)] = block_scale
         rounded = np.clip(np.rint(block / np.where(block_scale > 0, block_scale, 1)[:, None]), -INT8_MAX, INT8_MAX)
         tiles = len(block) // tile
         packed[first // tile:first // tile + tiles] = (
@@ -111,41 +113,6 @@ def _int8_part(spec: dict, source: np.ndarray, quantized: dict) -> np.ndarray:
     if key not in quantized:
         quantized[key] = quantize(source)
     return quantized[key][part]
-
-
-# The int8 build's logits within this much of a row's best are recomputed from the embedding's own
-# values: its output projection moves a logit near the top by up to ~0.5 (base and tiny.en on
-# lecture-en.flac, teacher-forced: 99th percentile 0.41 and 0.33), so two tokens further apart than
-# twice that keep their order, and every token that could be the best is among those recomputed.
-RESCORE_MARGIN = 2.0
-
-
-def _tensor_rows(path: Path, name: str, fix: str) -> np.ndarray:
-    """A 2-D tensor of a safetensors file as a read-only memory map: its rows are read from the file
-    when used (a few of the embedding's per step), never all held in memory."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            entry = json.loads(f.read(size)).get(name) or {}
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {path} ({exc}); {fix}") from None
-    dtype = {"F16": np.float16, "F32": np.float32}.get(entry.get("dtype"))
-    if dtype is None or len(entry.get("shape", ())) != 2:
-        raise ArtifactError(f"{path} has no 2-D float16 or float32 tensor {name!r}; {fix}")
-    begin, _ = entry["data_offsets"]
-    return np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=tuple(entry["shape"]))
-
-
-def rescore_near_best(logits: np.ndarray, hidden: np.ndarray, embedding: np.ndarray,
-                      margin: float = RESCORE_MARGIN) -> None:
-    """Recomputes in place each row's logits within `margin` of its best as hidden @ embedding[token]
-    in float32 (the exact build's logits, to fp32 rounding): logits [..., vocab], hidden [..., state],
-    embedding [vocab, state]."""
-    rows = logits.reshape(-1, logits.shape[-1])
-    states = hidden.reshape(-1, hidden.shape[-1])
-    near = np.flatnonzero(rows >= rows.max(axis=1, keepdims=True) - margin)  # 2-D np.nonzero: 10x slower
-    row, token = np.divmod(near, rows.shape[1])
-    rows[row, token] = np.einsum("nd,nd->n", embedding[token].astype(np.float32), states[row])
 
 
 def _transposed(array: np.ndarray, dtype, rows: int = 64) -> np.ndarray:
@@ -289,8 +256,6 @@ class WhisperModel:
         cross_input = 3 + 2 * self.dims.n_text_layer
         self.cross_dtype = (step_inputs[cross_input]["dtype"].removeprefix("DType.")
                             if len(step_inputs) > cross_input else "float32")
-        # the int8 build: the embedding's own rows, for the logits near each row's best
-        self._embedding_rows = None
 
         weights_path = self.model_dir / model["weights"]["file"]
         if not weights_path.is_file():
@@ -318,8 +283,6 @@ class WhisperModel:
             if weights_sha256 is not None and weights_sha256.result() != model["weights"]["sha256"]:
                 raise ArtifactError(f"{weights_path} does not match the sha256 recorded for it (corrupt or replaced); "
                                     f"{fix_convert}")
-            if manifest.get("decoder_weights", {}).get("hidden_output"):
-                self._embedding_rows = _tensor_rows(weights_path, "decoder.token_embedding.weight", fix_convert)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -404,10 +367,11 @@ class WhisperModel:
         if manifest.get("device") != self.target.device or manifest.get("arch") != self.target.arch:
             problems.append(f"built for {manifest.get('device')} {manifest.get('arch') or ''}".rstrip()
                             + f", running on {self.target.device} {self.target.arch or ''}".rstrip())
-        built_on, here = manifest.get("cpu_features"), cpu_features()
-        lacking = [feature for feature in built_on or () if here and feature not in here]
-        if self.target.device == "cpu" and lacking:
-            problems.append(f"built on a CPU with {', '.join(lacking)}, which this CPU lacks")
+        if self.target.device == "cpu":
+            here = cpu_features()
+            lacking = [feature for feature in manifest.get("cpu_features") or () if here and feature not in here]
+            if lacking:
+                problems.append(f"built on a CPU with {', '.join(lacking)}, which this CPU lacks")
         if manifest.get("model", {}).get("weights_sha256") != model["weights"]["sha256"]:
             problems.append("built for other weights than model.json records")
         if manifest.get("model", {}).get("dims") != model["dims"]:
@@ -416,8 +380,9 @@ class WhisperModel:
         if built_int8 != (self.target.compute_type == "int8"):
             problems.append(f"holds an {'int8' if built_int8 else 'exact'} build, compute type "
                             f"{self.target.compute_type} was asked for")
-        elif built_int8 and not manifest["decoder_weights"].get("hidden_output"):
-            problems.append("holds an int8 build of an earlier version (its steps return no hidden states)")
+        elif built_int8 and manifest["decoder_weights"].get("logits") != "rescored":
+            problems.append("holds an int8 build of an earlier version (its graphs leave the logits near the best "
+                            "to the runtime)")
         missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
         if missing:
             problems.append(f"lacks graph(s) {', '.join(missing)}")
@@ -443,26 +408,6 @@ class WhisperModel:
 
     def _to_host(self, buffer) -> np.ndarray:
         return buffer.to_numpy() if self.target.device == "cpu" else buffer.to(self._host).to_numpy()
-
-    def _without_hidden(self, outputs: list) -> tuple[list, object]:
-        """A prefill's or step's outputs, and the int8 build's last one apart: the hidden states, from
-        which _host_logits recomputes the logits near each row's best (None for other builds)."""
-        if self._embedding_rows is None:
-            return outputs, None
-        return outputs[:-1], outputs[-1]
-
-    def _host_logits(self, logits, hidden) -> np.ndarray:
-        """Logits on the host; with the int8 build's hidden states, those near each row's best recomputed.
-        Callers read them where they always did, after a prefill's caches: reading a prefill's logits
-        before its caches were copied gave wrong tokens, intermittently (continuous batching's joins,
-        tests/test_batched.py, test_ray.py, test_serve.py), for reasons not pinned down."""
-        logits = self._to_host(logits)
-        if hidden is None:
-            return logits
-        if not logits.flags.writeable:
-            logits = logits.copy()
-        rescore_near_best(logits, self._to_host(hidden), self._embedding_rows)
-        return logits
 
     # -- runtime.inference.Inference -------------------------------------------------------
     def encode(self, mel: np.ndarray) -> MaxAudioFeatures:
@@ -548,13 +493,13 @@ class MaxDecoderSession:
         else:  # rows of one audio start differently: one prefill row (and cross copy) per row
             features = m._to_device(np.repeat(m._to_host(features), repeats, axis=0))
             self.kv_rows = np.arange(len(self.kv_rows), dtype=np.int64)
-        outputs, hidden = m._without_hidden(m.graphs["decoder_prefill"].execute(
-            m._to_device(tokens), m._to_device(np.asarray(positions, dtype=np.int64)), features))
+        outputs = m.graphs["decoder_prefill"].execute(
+            m._to_device(tokens), m._to_device(np.asarray(positions, dtype=np.int64)), features)
         n_cache = 2 * m.dims.n_text_layer
         self.cross = list(outputs[1 + n_cache:])
         self.length = tokens.shape[1]
         cache = [m._to_host(b) for b in outputs[1:1 + n_cache]]
-        logits = m._host_logits(outputs[0], hidden)
+        logits = m._to_host(outputs[0])  # after the caches: see MaxRowBatch.join
         if shared and repeats > 1:
             cache = [np.repeat(c, repeats, axis=0) for c in cache]
             logits = np.repeat(logits, repeats, axis=0)
@@ -570,11 +515,11 @@ class MaxDecoderSession:
             self._install(self._cache_arrays(), min(m.dims.n_text_ctx, self.capacity + self.ROOM))
         if self._kv_rows_buffer is None:
             self._kv_rows_buffer = m._to_device(self.kv_rows)
-        logits, *hidden = m.graphs["decoder_step"].execute(
+        logits, = m.graphs["decoder_step"].execute(
             m._to_device(tokens), m._to_device(np.full(len(tokens), self.length, dtype=np.int64)), self._kv_rows_buffer,
             *self.self_cache, *self.cross)
         self.length += 1
-        return m._host_logits(logits, hidden[0] if hidden else None)
+        return m._to_host(logits)
 
     def reorder(self, source_indices: Sequence[int]) -> None:
         index = np.asarray(source_indices, dtype=np.int64)
@@ -669,8 +614,8 @@ class MaxRowBatch:
         if features.batch_size != 1:
             raise ValueError(f"a row takes one window's features, got a batch of {features.batch_size}")
         tokens = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
-        outputs, hidden = m._without_hidden(m.graphs["decoder_prefill"].execute(
-            m._to_device(tokens), m._to_device(np.asarray(logit_positions, dtype=np.int64)), features.buffer))
+        outputs = m.graphs["decoder_prefill"].execute(
+            m._to_device(tokens), m._to_device(np.asarray(logit_positions, dtype=np.int64)), features.buffer)
         self._reserve(len(self) + 1)
         row, n = len(self), tokens.shape[1]
         cross_slot = self._free_cross.pop()
@@ -682,7 +627,10 @@ class MaxRowBatch:
         self.kv_rows.append(cross_slot)
         self.positions.append(n)
         self._step_inputs = None
-        return m._host_logits(outputs[0], hidden)
+        # The logits are read last, as always: reading a prefill's logits before its caches were copied
+        # gave wrong tokens, intermittently (tests/test_batched.py, test_ray.py, test_serve.py), for
+        # reasons not pinned down.
+        return m._to_host(outputs[0])
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         """One token per active row, in row order -> logits [rows, vocab]."""
@@ -696,11 +644,11 @@ class MaxRowBatch:
             self._step_inputs = (m._to_device(np.asarray(self.kv_rows, dtype=np.int64)),
                                  [_rows(pool, 0, rows) for pool in self.self_pool])
         kv_rows, caches = self._step_inputs
-        logits, *hidden = m.graphs["decoder_step"].execute(
+        logits, = m.graphs["decoder_step"].execute(
             m._to_device(np.asarray(tokens, dtype=np.int64).reshape(-1, 1)),
             m._to_device(np.asarray(self.positions, dtype=np.int64)), kv_rows, *caches, *self.cross_pool)
         self.positions = [p + 1 for p in self.positions]
-        return m._host_logits(logits, hidden[0] if hidden else None)
+        return m._to_host(logits)
 
     def leave(self, row: int) -> None:
         """Drops a row; the last row takes its place (row numbers after it are unchanged)."""

@@ -12,6 +12,7 @@ import pytest
 
 HEADS, HEAD_DIM = 6, 64
 TOLERANCE = 1e-5  # fp32 sums of at most 2048 terms; observed about 4e-7
+LOGITS_VOCAB = 200  # int8_logits' test vocabulary: three whole column tiles of 64 and part of a fourth
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,10 @@ def kernel_graphs():
 
     from max.graph import BufferType
 
+    from graph_builders.graphs import RESCORE_MARGIN
     from graph_builders.kernels import (KERNELS_PATH, cached_query_attention, dynamic_int8_matmul,
-                                        fp16_weight_matmul, grouped_query_attention, int8_weight_matmul,
-                                        quantize_rows, single_query_attention)
+                                        fp16_weight_matmul, grouped_query_attention, int8_logits,
+                                        int8_weight_matmul, quantize_rows, single_query_attention)
 
     session = InferenceSession(devices=[CPU()])
     cpu = DeviceRef.CPU()
@@ -76,7 +78,15 @@ def kernel_graphs():
         graph.output(q, q_scale, dynamic_int8_matmul(q, q_scale, w, w_scale, bias),
                      dynamic_int8_matmul(q, q_scale, w, w_scale, bias, portable=True))
     dynamic = session.load(graph)
-    return attention, matmul, grouped, cached, int8_matmul, grouped16, dynamic
+    logits_inputs = [TensorType(DType.float32, ["m", "k"], cpu), TensorType(DType.int8, ["tiles", "packed"], cpu),
+                     TensorType(DType.float32, ["n"], cpu), TensorType(DType.float16, [LOGITS_VOCAB, "k"], cpu)]
+    with Graph("int8_logits_kernel", input_types=logits_inputs, custom_extensions=[KERNELS_PATH]) as graph:
+        hidden, w, w_scale, embedding = (v.tensor for v in graph.inputs)
+        q, q_scale = quantize_rows(hidden, 64)
+        graph.output(q, q_scale, int8_logits(hidden, q, q_scale, w, w_scale, embedding, RESCORE_MARGIN),
+                     int8_logits(hidden, q, q_scale, w, w_scale, embedding, RESCORE_MARGIN, portable=True))
+    logits = session.load(graph)
+    return attention, matmul, grouped, cached, int8_matmul, grouped16, dynamic, logits
 
 
 def _grouped_inputs(kv_rows, positions, kv_dtype, seed):
@@ -286,3 +296,32 @@ def test_dynamic_int8_matmul_sums_exactly(kernel_graphs, m, k, n):
     # and it is the product it approximates
     exact = x.astype(np.float64) @ weight.T.astype(np.float64) + bias
     assert np.abs(vnni - exact).max() < 0.03 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("m,k", [(1, 128), (7, 384), (13, 128), (40, 512)])
+def test_int8_logits_recompute_the_ones_near_each_rows_best_from_the_fp16_rows(kernel_graphs, m, k):
+    """The int8 products (as dynamic_int8_matmul's, no bias) everywhere but within the margin of a
+    row's best, where the logit is the fp32 product with the embedding's fp16 row: over a vocabulary
+    that ends in a partial tile, row counts off the micro tile, VNNI and portable paths bit-equal."""
+    from max.driver import Buffer
+
+    from graph_builders.graphs import RESCORE_MARGIN
+    from runtime.engine import _quantize_per_output
+
+    rng = np.random.default_rng(m * k)
+    hidden = rng.standard_normal((m, k)).astype(np.float32)
+    embedding = (rng.standard_normal((LOGITS_VOCAB, k)) * 3 / np.sqrt(k)).astype(np.float16)
+    packed, w_scale = _quantize_per_output(embedding)
+    q, q_scale, vnni, portable = (o.to_numpy() for o in kernel_graphs[7].execute(
+        *(Buffer.from_numpy(a) for a in (hidden, packed, w_scale, embedding))))
+    np.testing.assert_array_equal(vnni, portable)
+    assert vnni.shape == (m, LOGITS_VOCAB)
+    w_int8 = packed.reshape(-1, k // 4, 64, 4).transpose(0, 2, 1, 3).reshape(-1, k)[:LOGITS_VOCAB]
+    approx = sum(((q[:, g:g + 64].astype(np.int64) - 128) @ w_int8[:, g:g + 64].T.astype(np.int64))
+                 * q_scale[:, [g // 64]].astype(np.float64) for g in range(0, k, 64)) * w_scale[:LOGITS_VOCAB]
+    exact = hidden.astype(np.float64) @ embedding.astype(np.float64).T
+    near = approx >= approx.max(axis=1, keepdims=True) - RESCORE_MARGIN
+    assert near.sum() > m and (~near).sum() > 100 * m  # both kinds in every case
+    np.testing.assert_allclose(vnni[near], exact[near], rtol=1e-5, atol=1e-5)
+    assert np.abs(vnni[~near] - approx[~near]).max() <= 1e-6 * np.abs(approx).max()
+    assert np.array_equal(vnni.argmax(axis=1), exact.argmax(axis=1))

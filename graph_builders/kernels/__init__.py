@@ -5,6 +5,8 @@ fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
 ``int8_weight_matmul(x, w, scale)``: the same over int8 weights with one scale per 64 rows of a column.
 ``quantize_rows(x)`` and ``dynamic_int8_matmul(q, q_scale, w, w_scale, bias)``: int8 activations times
 int8 weights, summed exactly in int32 (AVX-512 VNNI where the CPU has it), for the int8 build's encoder.
+``int8_logits(hidden, q, q_scale, w, w_scale, embedding, margin)``: the int8 build's logits the same way,
+those near each row's best recomputed in fp32 from the embedding's fp16 rows.
 
 Usage::
 
@@ -39,12 +41,13 @@ GROUPED_ATTENTION_F16KV_OP_NAME = "grouped_query_attention_f16kv"
 CACHED_ATTENTION_OP_NAME = "cached_query_attention"
 QUANTIZE_ROWS_OP_NAME = "quantize_rows"
 DYNAMIC_INT8_OP_NAME = "dynamic_int8_matmul"
+INT8_LOGITS_OP_NAME = "int8_logits"
 DYNAMIC_INT8_TILE = 64  # the packed weight's column tile (dynamic_int8_matmul.mojo, NT)
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
 __all__ = ["ATTENTION_HEAD_DIM", "DYNAMIC_INT8_TILE", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "build_mojoc",
            "cached_query_attention", "dynamic_int8_matmul", "fp16_weight_matmul", "grouped_query_attention",
-           "int8_weight_matmul", "quantize_rows", "single_query_attention"]
+           "int8_logits", "int8_weight_matmul", "quantize_rows", "single_query_attention"]
 
 
 def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
@@ -126,6 +129,31 @@ def dynamic_int8_matmul(q: TensorValue, q_scale: TensorValue, w: TensorValue, w_
     out_type = TensorType(DType.float32, [q.shape[0], w_scale.shape[0]], device=DeviceRef.CPU())
     return ops.custom(DYNAMIC_INT8_OP_NAME, device=DeviceRef.CPU(), values=[q, q_scale, w, w_scale, bias],
                       out_types=[out_type], parameters={"portable": portable})[0].tensor
+
+
+def int8_logits(hidden: TensorValue, q: TensorValue, q_scale: TensorValue, w: TensorValue, w_scale: TensorValue,
+                embedding: TensorValue, margin: float, portable: bool = False) -> TensorValue:
+    """The int8 build's logits [M, V] float32: quantize_rows's (q, q_scale) of hidden [M, K] float32 times
+    the token embedding packed as dynamic_int8_matmul's w ([ceil(V / 64), K * 64], one scale per token
+    in w_scale, padded to whole tiles of 64), then every logit within `margin` of its row's best
+    recomputed in float32 as hidden[m] . embedding[n] from the embedding's float16 rows [V, K]. The
+    int8 products move a logit near the top by a few tenths at most, so the tokens that could be a
+    row's best are among those recomputed. CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
+    """
+    hidden, q, q_scale, w, w_scale, embedding = (TensorValue(v) for v in (hidden, q, q_scale, w, w_scale, embedding))
+    if hidden.dtype != DType.float32 or embedding.dtype != DType.float16 or q.dtype != DType.uint8:
+        raise TypeError("int8_logits takes float32 hidden states, uint8 q and float16 embedding rows")
+    vocab = embedding.shape[0]
+    if not isinstance(vocab, StaticDim):
+        raise ValueError("int8_logits needs a static vocabulary size")
+    tiles = -(-int(vocab) // DYNAMIC_INT8_TILE)
+    cpu = DeviceRef.CPU()
+    rows = hidden.shape[0]
+    out_types = [TensorType(DType.float32, [rows, vocab], device=cpu),
+                 TensorType(DType.float32, [rows, tiles], device=cpu),  # the op's scratch: each tile's best
+                 TensorType(DType.float32, [rows, DYNAMIC_INT8_TILE], device=cpu)]  # and the last tile whole
+    return ops.custom(INT8_LOGITS_OP_NAME, device=cpu, values=[q, q_scale, w, w_scale, hidden, embedding],
+                      out_types=out_types, parameters={"portable": portable, "margin": float(margin)})[0].tensor
 
 
 def single_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue) -> TensorValue:

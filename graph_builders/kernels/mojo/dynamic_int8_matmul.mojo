@@ -63,7 +63,7 @@ def _packed_weights(wp: Pointer[Int8, MutAnyOrigin], off: Int) -> SIMD[DType.int
 
 @always_inline
 def _dynamic_micro_tile[
-    MB: Int, PORTABLE: Bool
+    MB: Int, PORTABLE: Bool, BIASED: Bool
 ](
     qp: Pointer[UInt8, MutAnyOrigin],
     sp: Pointer[Float32, MutAnyOrigin],
@@ -74,10 +74,12 @@ def _dynamic_micro_tile[
     colsum: Pointer[SIMD[DType.int32, LANES], _],
     m0: Int,
     K: Int,
-    N: Int,
     G: Int,
     t: Int,
+    out_stride: Int,
+    out_col: Int,
 ):
+    """Rows m0..m0+MB of column tile t into op[m, out_col + c] (rows out_stride apart)."""
     var panel = t * K * TILE_COLUMNS
     var n0 = t * TILE_COLUMNS
     var fours = K // G // 4  # groups of four bytes per scale group
@@ -98,7 +100,7 @@ def _dynamic_micro_tile[
             var offset = colsum[grp * TILE_VECTORS + v] * OFFSET
             comptime for m in range(MB):
                 var scale = SIMD[DType.float32, LANES](sp[unsafe_offset=(m0 + m) * G + grp])
-                var at = (m0 + m) * N + n0 + v * LANES
+                var at = (m0 + m) * out_stride + out_col + v * LANES
                 var part = (acc[m * TILE_VECTORS + v] - offset).cast[DType.float32]()
                 if grp == 0:
                     op.unsafe_store(at, part * scale)
@@ -106,10 +108,52 @@ def _dynamic_micro_tile[
                     op.unsafe_store(at, part.fma(scale, op.unsafe_load[width=LANES](at)))
     comptime for v in range(TILE_VECTORS):
         var ws = wsp.unsafe_load[width=LANES](n0 + v * LANES)
-        var bias = bp.unsafe_load[width=LANES](n0 + v * LANES)
         comptime for m in range(MB):
-            var at = (m0 + m) * N + n0 + v * LANES
-            op.unsafe_store(at, op.unsafe_load[width=LANES](at).fma(ws, bias))
+            var at = (m0 + m) * out_stride + out_col + v * LANES
+            comptime if BIASED:
+                var bias = bp.unsafe_load[width=LANES](n0 + v * LANES)
+                op.unsafe_store(at, op.unsafe_load[width=LANES](at).fma(ws, bias))
+            else:
+                op.unsafe_store(at, op.unsafe_load[width=LANES](at) * ws)
+
+
+@always_inline
+def _dynamic_rows[
+    PORTABLE: Bool, BIASED: Bool
+](
+    qp: Pointer[UInt8, MutAnyOrigin],
+    sp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Int8, MutAnyOrigin],
+    wsp: Pointer[Float32, MutAnyOrigin],
+    bp: Pointer[Float32, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    colsum: Pointer[SIMD[DType.int32, LANES], _],
+    m_begin: Int,
+    m_end: Int,
+    K: Int,
+    G: Int,
+    t: Int,
+    out_stride: Int,
+    out_col: Int,
+):
+    """Rows m_begin..m_end of column tile t, in micro tiles of 6 rows and one of the rest."""
+    var m0 = m_begin
+    while m0 + MICRO_ROWS <= m_end:
+        _dynamic_micro_tile[MICRO_ROWS, PORTABLE, BIASED](
+            qp, sp, wp, wsp, bp, op, colsum, m0, K, G, t, out_stride, out_col
+        )
+        m0 += MICRO_ROWS
+    var rest = m_end - m0
+    if rest == 5:
+        _dynamic_micro_tile[5, PORTABLE, BIASED](qp, sp, wp, wsp, bp, op, colsum, m0, K, G, t, out_stride, out_col)
+    elif rest == 4:
+        _dynamic_micro_tile[4, PORTABLE, BIASED](qp, sp, wp, wsp, bp, op, colsum, m0, K, G, t, out_stride, out_col)
+    elif rest == 3:
+        _dynamic_micro_tile[3, PORTABLE, BIASED](qp, sp, wp, wsp, bp, op, colsum, m0, K, G, t, out_stride, out_col)
+    elif rest == 2:
+        _dynamic_micro_tile[2, PORTABLE, BIASED](qp, sp, wp, wsp, bp, op, colsum, m0, K, G, t, out_stride, out_col)
+    elif rest == 1:
+        _dynamic_micro_tile[1, PORTABLE, BIASED](qp, sp, wp, wsp, bp, op, colsum, m0, K, G, t, out_stride, out_col)
 
 
 @always_inline
@@ -155,24 +199,84 @@ def _cpu_dynamic_int8_matmul[PORTABLE: Bool](
             var b1 = min(b0 + block, r1)
             for t in range(ntiles):
                 _dynamic_column_sums[PORTABLE](wp, K, G, t, colsum)
-                var m0 = b0
-                while m0 + MICRO_ROWS <= b1:
-                    _dynamic_micro_tile[MICRO_ROWS, PORTABLE](qp, sp, wp, wsp, bp, op, cs, m0, K, N, G, t)
-                    m0 += MICRO_ROWS
-                var rest = b1 - m0
-                if rest == 5:
-                    _dynamic_micro_tile[5, PORTABLE](qp, sp, wp, wsp, bp, op, cs, m0, K, N, G, t)
-                elif rest == 4:
-                    _dynamic_micro_tile[4, PORTABLE](qp, sp, wp, wsp, bp, op, cs, m0, K, N, G, t)
-                elif rest == 3:
-                    _dynamic_micro_tile[3, PORTABLE](qp, sp, wp, wsp, bp, op, cs, m0, K, N, G, t)
-                elif rest == 2:
-                    _dynamic_micro_tile[2, PORTABLE](qp, sp, wp, wsp, bp, op, cs, m0, K, N, G, t)
-                elif rest == 1:
-                    _dynamic_micro_tile[1, PORTABLE](qp, sp, wp, wsp, bp, op, cs, m0, K, N, G, t)
+                _dynamic_rows[PORTABLE, True](qp, sp, wp, wsp, bp, op, cs, b0, b1, K, G, t, N, t * TILE_COLUMNS)
             b0 = b1
 
     sync_parallelize(work, nthreads)
+
+
+def _cpu_int8_logits[PORTABLE: Bool](
+    qp: Pointer[UInt8, MutAnyOrigin],
+    sp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Int8, MutAnyOrigin],
+    wsp: Pointer[Float32, MutAnyOrigin],
+    hp: Pointer[Float32, MutAnyOrigin],
+    ep: Pointer[Float16, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    tile_max: Pointer[Float32, MutAnyOrigin],
+    tail: Pointer[Float32, MutAnyOrigin],
+    M: Int,
+    K: Int,
+    V: Int,
+    G: Int,
+    margin: Float32,
+) raises:
+    var ntiles = ceildiv(V, TILE_COLUMNS)
+    var full = V // TILE_COLUMNS
+    # 1. The int8 logits, the column tiles split over the threads: a few rows (a step's), so each
+    # tile's weight panel is read from memory once for all of them. Each row's largest value per tile
+    # goes to tile_max.
+    var nthreads = max(1, min(parallelism_level(None), ntiles))
+    var tiles_per = ceildiv(ntiles, nthreads)
+
+    def products(tid: Int) raises {var}:
+        var colsum = Array[SIMD[DType.int32, LANES], TILE_VECTORS * MAX_GROUPS](fill=0)
+        var cs = colsum.unsafe_ptr()
+        for t in range(tid * tiles_per, min((tid + 1) * tiles_per, ntiles)):
+            _dynamic_column_sums[PORTABLE](wp, K, G, t, colsum)
+            if t < full:
+                _dynamic_rows[PORTABLE, False](qp, sp, wp, wsp, wsp, op, cs, 0, M, K, G, t, V, t * TILE_COLUMNS)
+                for m in range(M):
+                    var peak = op.unsafe_load[width=LANES](m * V + t * TILE_COLUMNS)
+                    comptime for v in range(1, TILE_VECTORS):
+                        peak = max(peak, op.unsafe_load[width=LANES](m * V + t * TILE_COLUMNS + v * LANES))
+                    tile_max.unsafe_store(m * ntiles + t, peak.reduce_max())
+            else:  # the vocabulary's last, partial tile: computed whole into `tail`, its columns copied
+                _dynamic_rows[PORTABLE, False](qp, sp, wp, wsp, wsp, tail, cs, 0, M, K, G, t, TILE_COLUMNS, 0)
+                for m in range(M):
+                    var peak = Float32.MIN
+                    for n in range(t * TILE_COLUMNS, V):
+                        var value = tail[unsafe_offset=m * TILE_COLUMNS + n - t * TILE_COLUMNS]
+                        op.unsafe_store(m * V + n, value)
+                        peak = max(peak, value)
+                    tile_max.unsafe_store(m * ntiles + t, peak)
+
+    sync_parallelize(products, nthreads)
+
+    # 2. Each row's logits within `margin` of its best, recomputed in fp32 from the hidden state and
+    # the embedding's own fp16 row: only tiles whose largest value is that near are read again.
+    var row_threads = max(1, min(parallelism_level(None), M))
+    var rows_per = ceildiv(M, row_threads)
+
+    def rescore(tid: Int) raises {var}:
+        for m in range(tid * rows_per, min((tid + 1) * rows_per, M)):
+            var best = Float32.MIN
+            for t in range(ntiles):
+                best = max(best, tile_max[unsafe_offset=m * ntiles + t])
+            var near = best - margin
+            for t in range(ntiles):
+                if tile_max[unsafe_offset=m * ntiles + t] < near:
+                    continue
+                for n in range(t * TILE_COLUMNS, min(V, (t + 1) * TILE_COLUMNS)):
+                    if op[unsafe_offset=m * V + n] < near:
+                        continue
+                    var acc = SIMD[DType.float32, LANES](0)
+                    for k in range(0, K, LANES):
+                        acc = hp.unsafe_load[width=LANES](m * K + k).fma(
+                            ep.unsafe_load[width=LANES](n * K + k).cast[DType.float32](), acc)
+                    op.unsafe_store(m * V + n, acc.reduce_add())
+
+    sync_parallelize(rescore, row_threads)
 
 
 def _cpu_quantize_rows(
@@ -259,3 +363,46 @@ struct DynamicInt8Matmul:
                         "columns of q, at most 80 groups)")
         _cpu_dynamic_int8_matmul[portable](q.unsafe_ptr(), scale.unsafe_ptr(), w.unsafe_ptr(), w_scale.unsafe_ptr(),
                               bias.unsafe_ptr(), output.unsafe_ptr(), M, K, N, G)
+
+
+@register("int8_logits")
+struct Int8Logits:
+    """The int8 build's logits: hidden[M, K] (f32, quantized to q, scale by quantize_rows) times the
+    token embedding packed as dynamic_int8_matmul's weight [ceil(V / 64), K * 64] with one scale per
+    token (w_scale, padded to whole tiles), then every logit within `margin` of its row's best
+    recomputed as hidden[m] . f32(embedding[n]) from the embedding's own fp16 rows [V, K].
+    Outputs: logits [M, V], and two the op works in (each row's largest value per tile,
+    [M, ceil(V / 64)]; the last tile whole, [M, 64])."""
+
+    @staticmethod
+    def execute[
+        target: StaticString, portable: Bool, margin: Float32
+    ](
+        logits: OutputTensor[dtype=DType.float32, rank=2, ...],
+        tile_max: OutputTensor[dtype=DType.float32, rank=2, ...],
+        tail: OutputTensor[dtype=DType.float32, rank=2, ...],
+        q: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scale: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[dtype=DType.int8, rank=2, ...],
+        w_scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        hidden: InputTensor[dtype=DType.float32, rank=2, ...],
+        embedding: InputTensor[dtype=DType.float16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("int8_logits: only the CPU target is implemented")
+        var M = q.dim_size(0)
+        var K = q.dim_size(1)
+        var V = embedding.dim_size(0)
+        var G = scale.dim_size(1)
+        var ntiles = ceildiv(V, TILE_COLUMNS)
+        if (G < 1 or G > MAX_GROUPS or K % (4 * G) != 0 or K % LANES != 0 or scale.dim_size(0) != M
+                or w.dim_size(0) != ntiles or w.dim_size(1) != K * TILE_COLUMNS
+                or w_scale.dim_size(0) != ntiles * TILE_COLUMNS or hidden.dim_size(0) != M
+                or hidden.dim_size(1) != K or embedding.dim_size(1) != K or logits.dim_size(0) != M
+                or logits.dim_size(1) != V or tile_max.dim_size(0) != M or tile_max.dim_size(1) != ntiles
+                or tail.dim_size(0) != M or tail.dim_size(1) != TILE_COLUMNS):
+            raise Error("int8_logits: shape mismatch")
+        _cpu_int8_logits[portable](q.unsafe_ptr(), scale.unsafe_ptr(), w.unsafe_ptr(), w_scale.unsafe_ptr(),
+                                   hidden.unsafe_ptr(), embedding.unsafe_ptr(), logits.unsafe_ptr(),
+                                   tile_max.unsafe_ptr(), tail.unsafe_ptr(), M, K, V, G, margin)
