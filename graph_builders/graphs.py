@@ -198,12 +198,18 @@ class WhisperGraphs:
         if hit is None or hit[0] is not x:
             hit = (x, *quantize_rows(rows, INT8_GROUP))
             self._quantized_rows[id(x)] = hit
-        source = f"{prefix}.weight"
-        weight = w.get(source, (n_out // DYNAMIC_INT8_TILE, n_in * DYNAMIC_INT8_TILE), "vnni_pack", DType.int8)
-        scale = w.get(source, (n_out,), "output_scale")
+        weight, scale = self._vnni_weight(w, f"{prefix}.weight", n_in, n_out)
         offset = (w.get(f"{prefix}.bias", (n_out,)) if bias
                   else ops.constant(np.zeros(n_out, dtype=np.float32), DType.float32, device=self.device))
         return ops.reshape(dynamic_int8_matmul(hit[1], hit[2], weight, scale, offset), [*x.shape[:-1], n_out])
+
+    @staticmethod
+    def _vnni_weight(w: WeightSet, source: str, n_in: int, n_out: int) -> tuple[Weight, Weight]:
+        """`source` (out, in) as the VNNI ops read it: int8 packed in column tiles of 64 (the last padded
+        when n_out is not a multiple of 64), [tiles, in * 64], and one fp32 scale per output, [tiles * 64]."""
+        tiles = -(-n_out // DYNAMIC_INT8_TILE)
+        return (w.get(source, (tiles, n_in * DYNAMIC_INT8_TILE), "vnni_pack", DType.int8),
+                w.get(source, (tiles * DYNAMIC_INT8_TILE,), "output_scale"))
 
     def _layer_norm(self, w: WeightSet, x: TensorValue, prefix: str, n_state: int) -> TensorValue:
         return ops.layer_norm(x, w.get(f"{prefix}.weight", (n_state,)), w.get(f"{prefix}.bias", (n_state,)), LAYER_NORM_EPS)
@@ -365,9 +371,7 @@ class WhisperGraphs:
         if self.int8_weights:  # int8 products, those near the best recomputed (module docstring)
             rows = ops.reshape(x, [-1, n_state])
             q, q_scale = quantize_rows(rows, INT8_GROUP)
-            tiles = -(-n_vocab // DYNAMIC_INT8_TILE)
-            packed = w.get(source, (tiles, n_state * DYNAMIC_INT8_TILE), "vnni_pack", DType.int8)
-            scale = w.get(source, (tiles * DYNAMIC_INT8_TILE,), "output_scale")
+            packed, scale = self._vnni_weight(w, source, n_state, n_vocab)
             logits = int8_logits(rows, q, q_scale, packed, scale, self._embedding_rows(w), RESCORE_MARGIN)
             return ops.reshape(logits, [*x.shape[:-1], n_vocab])
         # The output projection shares the token embedding; stored (state, vocab) for `x @ W`.
@@ -380,12 +384,12 @@ class WhisperGraphs:
 
     def _embed(self, w: WeightSet, tokens: TensorValue, positions: TensorValue) -> TensorValue:
         d = self.dims
-        # The tokens' columns of the output projection's (state, vocab) copy of the embedding: one
-        # copy of the largest weight instead of two (base: 53 MB less; a gather costs microseconds).
-        source, shape = "decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"])
         if self.int8_weights:  # the fp16 rows the logits recompute from: the embedding's own values
             tok = ops.cast(ops.gather(self._embedding_rows(w), tokens, axis=0), DType.float32)
         else:
+            # The tokens' columns of the output projection's (state, vocab) copy of the embedding: one
+            # copy of the largest weight instead of two (base: 53 MB less; a gather costs microseconds).
+            source, shape = "decoder.token_embedding.weight", (d["n_text_state"], d["n_vocab"])
             table = w.get(source, shape, "transpose", DType.float16 if self.fp16_weights else DType.float32)
             tok = ops.cast(ops.permute(ops.gather(table, tokens, axis=1), [1, 2, 0]), DType.float32)
         pos = ops.gather(w.get("decoder.positional_embedding", (d["n_text_ctx"], d["n_text_state"])), positions, axis=0)

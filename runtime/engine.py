@@ -75,7 +75,9 @@ def _quantize_per_output(array: np.ndarray, tile: int = 64, rows: int = 256) -> 
     zeros), packed as dynamic_int8_matmul reads it: (ceil(out / 64), in * 64), tile t holding
     w[64t + c, 4g + j] at g * 256 + c * 4 + j; and the scales, (tiles * 64,). Outputs past `out` (the
     vocabulary's last tile) are zeros with scale 0. `rows` outputs at a time, to stay in the cache."""
-    if array.ndim != 2 or array.shape[1] % 4 or rows % tile:
+    if rows % tile:
+        raise ValueError(f"rows ({rows}) must be a multiple of the tile ({tile})")
+    if array.ndim != 2 or array.shape[1] % 4:
         raise ArtifactError(f"int8 weights for VNNI need a 2-D tensor of a multiple of 4 inputs, this one has "
                             f"shape {list(array.shape)}; rebuild the artifacts with this version's make compile")
     out_dim, n_in = array.shape

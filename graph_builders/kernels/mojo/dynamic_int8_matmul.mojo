@@ -1,4 +1,6 @@
-# int8 x int8 matmul custom ops for MAX (CPU, AVX-512 VNNI): the int8 build's audio rows.
+# int8 x int8 matmul custom ops for MAX (CPU, AVX-512 VNNI): the int8 build's audio rows, and its
+# logits (int8_logits, below _cpu_dynamic_int8_matmul: the same products, then the logits near each
+# row's best recomputed in fp32).
 #
 #   quantize_rows:       x[M, K] (f32) -> q[M, K] (u8), scale[M, G] (f32): each K/G consecutive
 #                        values of a row share one symmetric scale, max |x| / 127 (1 for zeros);
@@ -234,6 +236,7 @@ def _cpu_int8_logits[PORTABLE: Bool](
         var cs = colsum.unsafe_ptr()
         for t in range(tid * tiles_per, min((tid + 1) * tiles_per, ntiles)):
             _dynamic_column_sums[PORTABLE](wp, K, G, t, colsum)
+            # unbiased: the bias pointer (wsp) is never read
             if t < full:
                 _dynamic_rows[PORTABLE, False](qp, sp, wp, wsp, wsp, op, cs, 0, M, K, G, t, V, t * TILE_COLUMNS)
                 for m in range(M):
