@@ -31,6 +31,9 @@ COMPUTE_TYPES = ("exact", "int8")
 # weights are (inputs / INT8_GROUP, outputs), the runtime quantizes by the same groups, and the
 # int8 kernel (graph_builders/kernels/mojo/weight_matmul.mojo, GROUP) sums them so.
 INT8_GROUP = 64
+# The exact CPU build's decoder weights for token rows are fp16 panels of this many outputs (the
+# manifest's "panels" transform, made by the runtime; weight_matmul.mojo's PANEL reads them).
+PANEL_WIDTH = 64
 
 
 # A CPU build runs code compiled for the CPU that built it (MAX targets the host's instruction set;

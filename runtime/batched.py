@@ -71,6 +71,27 @@ def _segments(chunk: _Chunk, tokenizer, time_precision: float) -> List[dict]:
     return segments
 
 
+def _input_chunks(index: int, audio: np.ndarray, mel: np.ndarray, speech: Optional[List[dict]], mel_filters,
+                  language: Optional[str]) -> List[_Chunk]:
+    """One input's chunks: its 30 s grid over `mel` (the padded log-mel of its audio), or with VAD (speech:
+    its speech chunks) one chunk per piece of joined speech (at most 30 s), with the piece's own log-mel."""
+    if speech is None:
+        content_frames = mel.shape[-1] - N_FRAMES
+        return [_Chunk(index, seek, float(seek * HOP_LENGTH / SAMPLE_RATE),
+                       float(min(N_FRAMES, content_frames - seek) * HOP_LENGTH / SAMPLE_RATE),
+                       pad_or_trim(mel[:, seek:seek + min(N_FRAMES, content_frames - seek)], N_FRAMES), language)
+                for seek in range(0, content_frames, N_FRAMES)]
+    chunks = []
+    for piece in collect_chunks(audio, speech, max_duration=N_SAMPLES / SAMPLE_RATE):
+        if len(piece.samples) == 0:  # no speech at all
+            continue
+        piece_mel = log_mel_spectrogram(piece.samples, mel_filters, padding=N_SAMPLES)
+        frames = piece_mel.shape[-1] - N_FRAMES
+        chunks.append(_Chunk(index, int(piece.offset * FRAMES_PER_SECOND), piece.offset, piece.duration,
+                             pad_or_trim(piece_mel[:, :frames], N_FRAMES), language))
+    return chunks
+
+
 def transcribe_batch(
     model: Inference,
     audios: Sequence[Union[str, os.PathLike, np.ndarray]],
@@ -113,7 +134,8 @@ def transcribe_batch(
     time_precision = (N_FRAMES // model.dims.n_audio_ctx) * HOP_LENGTH / SAMPLE_RATE
 
     chunks: List[_Chunk] = []
-    languages: List[str] = []
+    languages: List[Optional[str]] = []  # None: detected by the decoding of the input's first chunk
+    own_chunks: List[List[_Chunk]] = []  # each input's chunks
     speech: List[Optional[List[dict]]] = []  # each input's speech chunks (samples), with VAD
     for index, audio in enumerate(audios):
         if isinstance(audio, (str, os.PathLike)):
@@ -124,73 +146,87 @@ def transcribe_batch(
         audible = audio if vad_options is None else \
             np.concatenate([audio[c["start"]:c["end"]] for c in speech[-1]] or [audio[:0]])
         mel = log_mel_spectrogram(audible, mel_filters, padding=N_SAMPLES)
-        language = decode_options.get("language")
-        if language is None:
-            if model.is_multilingual:
-                _, probs = detect_language(model, pad_or_trim(mel, N_FRAMES), tokenizer_path=tokenizer_path)
-                language = max(probs, key=probs.get)
-            else:
-                language = "en"
+        language = decode_options.get("language") or (None if model.is_multilingual else "en")
+        own = _input_chunks(index, audio, mel, speech[-1], mel_filters, language)
+        chunks += own
+        own_chunks.append(own)
+        # Where the first chunk is the detection's window, its decoding detects the language from the
+        # chunk's own encoding (DecodingTask, language None), as faster-whisper reuses its detection's
+        # encoder output, instead of encoding the window twice. A shorter input's detection window is
+        # padded with silence's log-mel, its first chunk with zeros: that one is detected on its own.
+        window = pad_or_trim(mel, N_FRAMES) if language is None else None
+        if window is not None and not (own and np.array_equal(own[0].mel, window)):
+            _, probs = detect_language(model, window, tokenizer_path=tokenizer_path)
+            language = max(probs, key=probs.get)
+            for chunk in own:
+                chunk.language = language
         languages.append(language)
-        if vad_options is None:
-            content_frames = mel.shape[-1] - N_FRAMES
-            for seek in range(0, content_frames, N_FRAMES):
-                frames = min(N_FRAMES, content_frames - seek)
-                chunks.append(_Chunk(index, seek, float(seek * HOP_LENGTH / SAMPLE_RATE),
-                                     float(frames * HOP_LENGTH / SAMPLE_RATE),
-                                     pad_or_trim(mel[:, seek:seek + frames], N_FRAMES), language))
-            continue
-        # with VAD: one chunk per piece of joined speech (at most 30 s), with the piece's own log-mel
-        for piece in collect_chunks(audio, speech[-1], max_duration=N_SAMPLES / SAMPLE_RATE):
-            if len(piece.samples) == 0:  # no speech at all
-                continue
-            piece_mel = log_mel_spectrogram(piece.samples, mel_filters, padding=N_SAMPLES)
-            frames = piece_mel.shape[-1] - N_FRAMES
-            chunks.append(_Chunk(index, int(piece.offset * FRAMES_PER_SECOND), piece.offset, piece.duration,
-                                 pad_or_trim(piece_mel[:, :frames], N_FRAMES), language))
 
+    task = decode_options.get("task", "transcribe")
     tokenizers: Dict[str, object] = {}
-    for language in set(languages):
-        try:
-            tokenizers[language] = get_tokenizer(tokenizer_path, model.is_multilingual,
-                                                 num_languages=model.num_languages, language=language,
-                                                 task=decode_options.get("task", "transcribe"))
-        except TokenizerError as exc:
-            raise DecodingError(str(exc)) from exc
+
+    def tokenizer_of(language: str):
+        if language not in tokenizers:
+            try:
+                tokenizers[language] = get_tokenizer(tokenizer_path, model.is_multilingual,
+                                                     num_languages=model.num_languages, language=language, task=task)
+            except TokenizerError as exc:
+                raise DecodingError(str(exc)) from exc
+        return tokenizers[language]
+
+    for language in set(languages) - {None}:
+        tokenizer_of(language)  # an unknown language fails before any decoding
     base = {**decode_options}
-    if initial_prompt is not None:
-        base["prompt"] = tokenizers[languages[0]].encode(" " + initial_prompt.strip()) if languages else None
+    if initial_prompt is not None:  # the text's tokens do not depend on the language
+        base["prompt"] = tokenizer_of(next((x for x in languages if x is not None), "en")).encode(
+            " " + initial_prompt.strip())
+
+    def decode_group(group: List[_Chunk], options) -> List[DecodingResult]:
+        if joins(options) and hasattr(model, "row_batch"):
+            # greedy: rows of a running batch, a finished chunk's row taken by the next at once
+            return decode_windows(model, [c.mel for c in group], options, tokenizer_path=tokenizer_path,
+                                  max_rows=batch_size)
+        # beam search's beams and best-of's samples are decoder rows too: batch_size rows a batch
+        # (at least one window), not batch_size windows of best_of rows each (whose caches and
+        # logits, 8 x 5 rows, were the peak of a batch of base's windows)
+        windows = max(1, batch_size // rows_per_audio(options))
+        decoded = []
+        for start in range(0, len(group), windows):
+            decoded += decode(model, np.stack([c.mel for c in group[start:start + windows]]), options,
+                              tokenizer_path=tokenizer_path, rng=rng)
+        return decoded
 
     pending = chunks
     for t in temperatures:
         failed: List[_Chunk] = []
-        for language in sorted({c.language for c in pending}):
-            group = [c for c in pending if c.language == language]
-            options = options_at_temperature(dict(base, language=language), t)
-            if joins(options) and hasattr(model, "row_batch"):
-                # greedy: rows of a running batch, a finished chunk's row taken by the next at once
-                decoded = decode_windows(model, [c.mel for c in group], options, tokenizer_path=tokenizer_path,
-                                         max_rows=batch_size)
-            else:
-                # beam search's beams and best-of's samples are decoder rows too: batch_size rows a batch
-                # (at least one window), not batch_size windows of best_of rows each (whose caches and
-                # logits, 8 x 5 rows, were the peak of a batch of base's windows)
-                windows = max(1, batch_size // rows_per_audio(options))
-                decoded = []
-                for start in range(0, len(group), windows):
-                    decoded += decode(model, np.stack([c.mel for c in group[start:start + windows]]), options,
-                                      tokenizer_path=tokenizer_path, rng=rng)
-            for chunk, result in zip(group, decoded):
-                chunk.result = result
-                if needs_fallback(result, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
-                    failed.append(chunk)
-        pending = failed
+        decoded: List[Tuple[_Chunk, DecodingResult]] = []
+        # the inputs whose language is not known yet: their first chunks detect it as they decode
+        undetected = [own_chunks[i][0] for i, language in enumerate(languages) if language is None]
+        if undetected:
+            group_results = decode_group(undetected, options_at_temperature(dict(base, language=None), t))
+            for chunk, result in zip(undetected, group_results):
+                languages[chunk.source] = result.language
+                tokenizer_of(result.language)
+                for other in own_chunks[chunk.source]:
+                    other.language = result.language
+                decoded.append((chunk, result))
+        detecting = {id(c) for c in undetected}
+        rest = [c for c in pending if id(c) not in detecting]
+        for language in sorted({c.language for c in rest}):
+            group = [c for c in rest if c.language == language]
+            decoded += zip(group, decode_group(group, options_at_temperature(dict(base, language=language), t)))
+        for chunk, result in decoded:
+            chunk.result = result
+            if needs_fallback(result, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
+                failed.append(chunk)
+        failed_ids = {id(c) for c in failed}
+        pending = [c for c in chunks if id(c) in failed_ids]
         if not pending:
             break
 
     outputs = []
     for index, language in enumerate(languages):
-        tokenizer = tokenizers[language]
+        tokenizer = tokenizer_of(language)
         segments: List[dict] = []
         for chunk in (c for c in chunks if c.source == index):
             if is_silent(chunk.result, no_speech_threshold, logprob_threshold):

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from contracts import (COMPUTE_TYPES, FIX_CONVERT, INT8_GROUP, ContractError, cpu_features, read_manifest,
-                       read_model_json, sha256_file, target_folder)
+from contracts import (COMPUTE_TYPES, FIX_CONVERT, INT8_GROUP, PANEL_WIDTH, ContractError, cpu_features,
+                       read_manifest, read_model_json, sha256_file, target_folder)
 
 from .audio import AudioError, load_mel_filters
 from .inference import ModelDimensions
@@ -41,6 +41,8 @@ def _transform(array: np.ndarray, transform: str, dtype) -> np.ndarray:
         return _transposed(array, dtype)
     if transform == "conv1d_rscf":  # (out, in, k) -> (1, k, in, out)
         return np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=dtype)
+    if transform == "panels" and array.ndim == 2:
+        return _panels(array, dtype)
     raise ArtifactError(f"the manifest asks for an unknown weight transform {transform!r}; "
                         "this runtime is older than the artifacts: rebuild them with this version's make compile")
 
@@ -127,6 +129,24 @@ def _transposed(array: np.ndarray, dtype, rows: int = 64) -> np.ndarray:
     for first in range(0, array.shape[0], rows):
         out[:, first:first + rows] = array[first:first + rows].T
     return out
+
+
+def _panels(array: np.ndarray, dtype, panel: int = PANEL_WIDTH, panels_at_once: int = 4) -> np.ndarray:
+    """A 2-D (out, in) weight as fp16_panel_matmul reads it: (ceil(out / 64), in * 64), panel p holding
+    array[64p + c, k] at k * 64 + c, the outputs past `out` zeros. A few panels at a time, as
+    _transposed copies, to stay in the cache."""
+    out_dim, n_in = array.shape
+    n_panels = -(-out_dim // panel)
+    packed = np.zeros((n_panels, n_in * panel), dtype=dtype)
+    for first in range(0, n_panels, panels_at_once):
+        block = array[first * panel:(first + panels_at_once) * panel]
+        whole = len(block) // panel
+        if whole:
+            panels = block[:whole * panel].reshape(whole, panel, n_in)
+            packed[first:first + whole] = panels.transpose(0, 2, 1).reshape(whole, -1)
+        if len(block) % panel:  # the last, partial panel
+            packed[first + whole].reshape(n_in, panel)[:, :len(block) % panel] = block[whole * panel:].T
+    return packed
 
 
 @dataclass

@@ -308,6 +308,10 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
     content_frames = mel.shape[-1] - N_FRAMES
     content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
 
+    # The window the language was detected on, with its audio features: the first window decodes from
+    # them when it is the same log-mel (it is, unless the audio is shorter than 30 s), as faster-whisper
+    # reuses its detection's encoder output, instead of encoding it again.
+    detected_window = None
     if decode_options.get("language", None) is None:
         if not model.is_multilingual:
             decode_options["language"] = "en"
@@ -315,7 +319,9 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
             if verbose:
                 print("Detecting language using up to the first 30 seconds. Use `--language` to specify the language")
             mel_segment = pad_or_trim(mel[:, :N_FRAMES], N_FRAMES)
-            _, probs = detect_language(model, mel_segment, tokenizer_path=tokenizer_path)
+            features = model.encode(mel_segment[None])
+            _, (probs,) = detect_language(model, features, tokenizer_path=tokenizer_path)
+            detected_window = (mel_segment, features)
             decode_options["language"] = max(probs, key=probs.get)
             language_probs = probs
             if verbose is not None:
@@ -368,7 +374,7 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
         prefetched.clear()
         prefetched.update(zip(seeks, results))
 
-    def decode_with_fallback(segment: np.ndarray, window_seek: Optional[int] = None,
+    def decode_with_fallback(segment, window_seek: Optional[int] = None,
                              clip_end: Optional[int] = None) -> DecodingResult:
         result = None
         for t in temperatures:
@@ -378,6 +384,8 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
                     prefetch_batch(window_seek, clip_end)
                 result = prefetched.pop(window_seek)
             else:
+                if isinstance(segment, np.ndarray):  # encoded once, for every temperature it falls back to
+                    segment = model.encode(segment[None])
                 result = run_decode(model, segment, options_at(t), tokenizer_path=tokenizer_path, rng=rng)
                 if isinstance(result, list):  # decoded from the window's audio features
                     (result,) = result
@@ -468,8 +476,14 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
             else:
                 decode_options["prompt"] = all_tokens[prompt_reset_since:]
 
+            features = None
+            if detected_window is not None:
+                if np.array_equal(detected_window[0], mel_segment):
+                    features = detected_window[1]
+                detected_window = None
             # word timestamps align against the window's audio features: encode it once for both
-            features = model.encode(mel_segment[None]) if word_timestamps else None
+            if features is None and word_timestamps:
+                features = model.encode(mel_segment[None])
             result = decode_with_fallback(mel_segment if features is None else features, seek, seek_clip_end)
             tokens = np.asarray(result.tokens, dtype=np.int64)
 

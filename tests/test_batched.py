@@ -29,6 +29,39 @@ def test_without_timestamps_equals_transcribe_per_file(tiny_runtime, speech_72s,
         assert ours["text"] == sequential["text"] and ours["language"] == sequential["language"]
 
 
+def test_language_is_detected_from_the_first_chunks_encoding(tiny_runtime, speech_72s, short_speech, monkeypatch):
+    """Without a language, an input's first chunk detects it as it decodes, from its one encoding (a
+    shorter input's detection window is not its chunk: detected apart): the language
+    runtime.decoding.detect_language gives, and the segments of a run that is given that language."""
+    import runtime
+    from runtime.audio import N_FRAMES, N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
+    from runtime.decoding import detect_language
+
+    files = [speech_72s, short_speech]
+    expected = []
+    for path in files:
+        mel = log_mel_spectrogram(load_audio(str(path)), tiny_runtime.mel_filters, padding=N_SAMPLES)
+        _, probs = detect_language(tiny_runtime, pad_or_trim(mel, N_FRAMES))
+        expected.append(max(probs, key=probs.get))
+    encoded = []
+    encode = tiny_runtime.encode
+
+    def counted_encode(mel):
+        encoded.append(mel.shape[0])
+        return encode(mel)
+
+    monkeypatch.setattr(tiny_runtime, "encode", counted_encode)
+    options = dict(OPTIONS, language=None)
+    detected = runtime.transcribe_batch(tiny_runtime, files, batch_size=4, without_timestamps=True, **options)
+    monkeypatch.undo()
+    assert [r["language"] for r in detected] == expected
+    assert sum(encoded) == 3 + 1 + 1  # the chunks (72 s: 3, the short file: 1), the short file's window
+    for path, ours, language in zip(files, detected, expected):
+        given, = runtime.transcribe_batch(tiny_runtime, [path], batch_size=4, without_timestamps=True,
+                                          **dict(OPTIONS, language=language))
+        assert ours["segments"] == given["segments"]
+
+
 def test_with_timestamps_each_chunk_decodes_as_alone(tiny_runtime, speech_72s, short_speech):
     """With timestamps the chunks stay on the 30 s grid; batching them changes no chunk's tokens."""
     import runtime

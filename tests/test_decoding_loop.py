@@ -193,6 +193,34 @@ def test_transcribe_equals_whisper(runs, name):
     assert any(s["text"].strip() for s in theirs["segments"])
 
 
+def test_each_window_is_encoded_once(model, speech):
+    """The window the language is detected on, and every temperature a window falls back to, decode
+    from one encoding of the window (as faster-whisper reuses its detection's encoder output)."""
+    inference = TorchInference(model)
+    encoded, temperatures = [], []
+    encode, decode = inference.encode, rtranscribe.decode
+
+    def counted_encode(mel):
+        encoded.append(mel.shape[0])
+        return encode(mel)
+
+    def counted_decode(model, mel, options, **kwargs):
+        temperatures.append(options.temperature)
+        return decode(model, mel, options, **kwargs)
+
+    inference.encode = counted_encode
+    # every window falls back once (an average log-probability is below 0), none counts as silent
+    with mock.patch.object(rtranscribe, "decode", counted_decode), \
+            mock.patch.object(rtranscribe, "log_mel_spectrogram", _whisper_mel):
+        result = rtranscribe.transcribe(inference, speech, mel_filters=MEL_FILTERS, tokenizer_path=VOCAB,
+                                        language=None, temperature=(0.0, 0.5), logprob_threshold=0.0,
+                                        no_speech_threshold=None, condition_on_previous_text=False)
+    windows = temperatures.count(0.0)
+    assert windows >= 2 and temperatures.count(0.5) == windows
+    assert result["language"] in rd.get_tokenizer(VOCAB, True).all_language_codes
+    assert encoded == [1] * windows  # the detection's encoding is the first window's
+
+
 def test_transcribe_options_take_effect(runs):
     """The configurations above differ from each other, so the parity tests cover distinct paths."""
     base, _ = runs.ours(**TRANSCRIBE_CONFIGS["en-timestamps-conditioned-verbose"])
@@ -786,6 +814,14 @@ class _Scripted:
         return tokens, avg_logprob, no_speech_prob, ratio
 
 
+class _EncodedWindows:
+    """A scripted model's audio features: the log-mel windows it was given."""
+
+    def __init__(self, mel):
+        self.mel = mel
+        self.batch_size = mel.shape[0]
+
+
 def _scripted_theirs(kw):
     script = _Scripted()
     tokenizer = whisper.tokenizer.get_tokenizer(True, num_languages=99, language="en", task="transcribe")
@@ -813,6 +849,9 @@ def _scripted_ours(kw):
     tokenizer = get_tokenizer(VOCAB, True, language="en", task="transcribe")
 
     def fake_decode(model, mel, options, *, tokenizer_path, rng):
+        if isinstance(mel, _EncodedWindows):  # the loop encodes a window once for all its temperatures
+            assert mel.mel.shape[0] == 1
+            mel = mel.mel[0]
         assert mel.shape == (80, 3000) and mel.dtype == np.float32
         tokens, avg, nsp, ratio = script.result(options.temperature, options.prompt, mel.shape)
         return rd.DecodingResult(language=options.language, tokens=tokens, text=tokenizer.decode(tokens).strip(),
@@ -821,7 +860,8 @@ def _scripted_ours(kw):
 
     from runtime.inference import ModelDimensions
 
-    model = mock.Mock(dims=ModelDimensions(**TINY_DIMS), is_multilingual=True, num_languages=99)
+    model = mock.Mock(dims=ModelDimensions(**TINY_DIMS), is_multilingual=True, num_languages=99,
+                      encode=_EncodedWindows)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), mock.patch.object(rtranscribe, "decode", fake_decode):
         result = rtranscribe.transcribe(model, np.zeros(16000 * 110, np.float32), mel_filters=MEL_FILTERS,

@@ -229,6 +229,56 @@ def test_fp16_weight_matmul_equals_stock_fp32_matmul(kernel_graphs, m, k, n):
     assert np.abs(ours - x.astype(np.float64) @ w.astype(np.float64)).max() < 1e-4
 
 
+PANEL_SHAPES = ((384, 51865), (1536, 384), (64, 37))  # (k, n): the vocabulary's partial last panel, a 4x
+
+
+@pytest.fixture(scope="module")
+def panel_matmul():
+    """One graph of fp16_panel_matmul and MAX's own matmul on the widened [k, n] weight, per PANEL_SHAPES."""
+    from max.driver import CPU
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, TensorType, ops
+
+    from graph_builders.kernels import KERNELS_PATH, PANEL, fp16_panel_matmul
+
+    cpu = DeviceRef.CPU()
+    inputs = []
+    for i, (k, n) in enumerate(PANEL_SHAPES):
+        inputs += [TensorType(DType.float32, [f"m{i}", k], cpu), TensorType(DType.float16, [-(-n // PANEL), k * PANEL], cpu),
+                   TensorType(DType.float16, [k, n], cpu)]
+    with Graph("panel_matmul_kernel", input_types=inputs, custom_extensions=[KERNELS_PATH]) as graph:
+        values = [v.tensor for v in graph.inputs]
+        outputs = []
+        for i, (k, n) in enumerate(PANEL_SHAPES):
+            x, panels, w = values[3 * i:3 * i + 3]
+            outputs += [fp16_panel_matmul(x, panels, n), x @ ops.cast(w, DType.float32)]
+        graph.output(*outputs)
+    return InferenceSession(devices=[CPU()]).load(graph)
+
+
+@pytest.mark.parametrize("m", [1, 3, 6, 40])
+def test_fp16_panel_matmul_equals_stock_fp32_matmul(panel_matmul, m):
+    """The weight packed in panels (the runtime's "panels" transform) gives MAX's own fp32 matmul bit for bit,
+    over one-, few- and many-row tiles, threads' shares and a last panel the outputs do not fill."""
+    from max.driver import Buffer
+
+    from runtime.engine import _transform
+
+    rng = np.random.default_rng(m)
+    arrays, weights = [], []
+    for k, n in PANEL_SHAPES:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)  # (out, in), as a checkpoint stores it
+        arrays += [x, _transform(w, "panels", np.float16), np.ascontiguousarray(w.T)]
+        weights.append((x, w))
+    outputs = [o.to_numpy() for o in panel_matmul.execute(*(Buffer.from_numpy(a) for a in arrays))]
+    for (x, w), ours, stock in zip(weights, outputs[0::2], outputs[1::2]):
+        assert ours.shape == (m, w.shape[0])
+        np.testing.assert_array_equal(ours, stock)
+        assert np.abs(ours - x.astype(np.float64) @ w.T.astype(np.float64)).max() < 1e-4
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 384, 51865), (5, 512, 1536), (11, 1536, 384), (3, 64, 37)])
 def test_int8_weight_matmul_matches_numpy(kernel_graphs, m, k, n):
     """Each group of 64 rows of a column times its own scale, over tile widths, ragged tails and row

@@ -2,6 +2,7 @@
 
 ``fp16_weight_matmul(x, w)``: out[M, N] f32 = x[M, K] f32 @ f32(w[K, N] f16),
 fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
+``fp16_panel_matmul(x, w, n)``: the same product from the weight packed in panels of 64 columns.
 ``int8_weight_matmul(x, w, scale)``: the same over int8 weights with one scale per 64 rows of a column.
 ``quantize_rows(x)`` and ``dynamic_int8_matmul(q, q_scale, w, w_scale, bias)``: int8 activations times
 int8 weights, summed exactly in int32 (AVX-512 VNNI where the CPU has it), for the int8 build's encoder.
@@ -30,11 +31,14 @@ from max.dtype import DType
 from max.graph import BufferValue, DeviceRef, StaticDim, TensorType, TensorValue, ops
 
 from contracts import INT8_GROUP  # rows of an int8 weight column that share one scale (the kernel's GROUP)
+from contracts import PANEL_WIDTH
 
 KERNELS_DIR = Path(__file__).resolve().parent
 KERNELS_PATH = KERNELS_DIR / "mojo"
 OP_NAME = "fp16_weight_matmul"
 INT8_OP_NAME = "int8_weight_matmul"
+PANEL_OP_NAME = "fp16_panel_matmul"
+PANEL = PANEL_WIDTH  # columns of a packed fp16 weight's panel (weight_matmul.mojo, PANEL)
 ATTENTION_OP_NAME = "single_query_attention"
 GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
 GROUPED_ATTENTION_F16KV_OP_NAME = "grouped_query_attention_f16kv"
@@ -45,8 +49,9 @@ INT8_LOGITS_OP_NAME = "int8_logits"
 DYNAMIC_INT8_TILE = 64  # the packed weight's column tile (dynamic_int8_matmul.mojo, NT)
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
-__all__ = ["ATTENTION_HEAD_DIM", "DYNAMIC_INT8_TILE", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "build_mojoc",
-           "cached_query_attention", "dynamic_int8_matmul", "fp16_weight_matmul", "grouped_query_attention",
+__all__ = ["ATTENTION_HEAD_DIM", "DYNAMIC_INT8_TILE", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "PANEL", "build_mojoc",
+           "cached_query_attention", "dynamic_int8_matmul", "fp16_panel_matmul", "fp16_weight_matmul",
+           "grouped_query_attention",
            "int8_logits", "int8_weight_matmul", "quantize_rows", "single_query_attention"]
 
 
@@ -71,6 +76,24 @@ def fp16_weight_matmul(x: TensorValue, w: TensorValue) -> TensorValue:
     return ops.custom(
         OP_NAME, device=DeviceRef.CPU(), values=[x, w], out_types=[out_type]
     )[0].tensor
+
+
+def fp16_panel_matmul(x: TensorValue, w: TensorValue, n_out: int) -> TensorValue:
+    """x [M, K] float32 @ W [K, n_out] -> [M, n_out] float32, W given as float16 panels of 64 columns,
+    w [ceil(n_out / 64), K * 64] with w[p, k * 64 + c] = W[k, 64p + c] (the last panel zero-padded):
+    fp16_weight_matmul's products in its order (the same values), each tile reading its panel as one
+    sequential stream. Same graph requirements as fp16_weight_matmul.  CPU only.
+    """
+    x, w = TensorValue(x), TensorValue(w)
+    if x.rank != 2 or w.rank != 2:
+        raise ValueError(f"expected rank-2 x and w, got {x.shape} and {w.shape}")
+    if x.dtype != DType.float32 or w.dtype != DType.float16:
+        raise TypeError(f"expected x float32 and w float16, got {x.dtype} and {w.dtype}")
+    panels = -(-n_out // PANEL)
+    if int(w.shape[0]) != panels or int(w.shape[1]) != int(x.shape[1]) * PANEL:
+        raise ValueError(f"expected w [{panels}, {x.shape[1]} * {PANEL}] for {n_out} outputs, got {w.shape}")
+    out_type = TensorType(DType.float32, [x.shape[0], n_out], device=DeviceRef.CPU())
+    return ops.custom(PANEL_OP_NAME, device=DeviceRef.CPU(), values=[x, w], out_types=[out_type])[0].tensor
 
 
 def int8_weight_matmul(x: TensorValue, w: TensorValue, scale: TensorValue) -> TensorValue:

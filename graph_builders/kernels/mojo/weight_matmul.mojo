@@ -30,11 +30,13 @@ comptime TILE = W16 * NV  # output columns per base tile
 comptime MB_MAX = 8  # rows of x handled per pass over W
 comptime PF_DIST = 2  # prefetch W of the tile PF_DIST tiles ahead
 comptime GROUP = 64  # rows of an int8 weight column that share one scale
+comptime PANEL = 64  # columns of a packed weight's panel (fp16_panel_matmul)
+comptime PF_ROWS = 16  # panels: prefetch this many rows (2 KB of fp16) ahead in the tile's stream
 
 
 @always_inline
 def _tile[
-    MB: Int, NVT: Int, WT: DType, SCALED: Bool
+    MB: Int, NVT: Int, WT: DType, SCALED: Bool, PACKED: Bool
 ](
     xp: Pointer[Float32, MutAnyOrigin],
     wp: Pointer[Scalar[WT], MutAnyOrigin],
@@ -46,20 +48,38 @@ def _tile[
     n0: Int,
     do_prefetch: Bool,
 ):
+    # Where column n0 of row k is (base + k * ld), and what to prefetch: [K, N] row-major: the same row
+    # of the tile PF_DIST tiles ahead; panels: PF_ROWS rows further down the tile's own sequential stream.
+    var base: Int
+    var ld: Int
+    var pf_off: Int
+    comptime if PACKED:
+        base = (n0 // PANEL) * K * PANEL + n0 % PANEL
+        ld = PANEL
+        pf_off = base + PF_ROWS * PANEL
+    else:
+        base = n0
+        ld = N
+        pf_off = n0 + PF_DIST * W16 * NVT
     var acc = Array[SIMD[DType.float32, W16], MB * NVT](fill=0)
     comptime if SCALED:
         for g in range(K // GROUP):
             var part = Array[SIMD[DType.float32, W16], MB * NVT](fill=0)
-            _accumulate[MB, NVT, WT](xp, wp, m0, K, N, n0, do_prefetch, g * GROUP, (g + 1) * GROUP, part)
+            _accumulate[MB, NVT, WT](xp, wp, m0, K, base, ld, pf_off, do_prefetch, g * GROUP, (g + 1) * GROUP, part)
             comptime for v in range(NVT):
                 var sv = sp.unsafe_load[width=W16](g * N + n0 + v * W16)
                 comptime for m in range(MB):
                     acc[m * NVT + v] = part[m * NVT + v].fma(sv, acc[m * NVT + v])
     else:
-        _accumulate[MB, NVT, WT](xp, wp, m0, K, N, n0, do_prefetch, 0, K, acc)
+        _accumulate[MB, NVT, WT](xp, wp, m0, K, base, ld, pf_off, do_prefetch, 0, K, acc)
     comptime for m in range(MB):
         comptime for v in range(NVT):
-            op.unsafe_store((m0 + m) * N + n0 + v * W16, acc[m * NVT + v])
+            var n = n0 + v * W16
+            if n + W16 <= N:
+                op.unsafe_store((m0 + m) * N + n, acc[m * NVT + v])
+            else:  # a padded panel's last columns: only those inside the output
+                for j in range(max(0, N - n)):
+                    op.unsafe_store((m0 + m) * N + n + j, acc[m * NVT + v][j])
 
 
 @always_inline
@@ -70,19 +90,19 @@ def _accumulate[
     wp: Pointer[Scalar[WT], MutAnyOrigin],
     m0: Int,
     K: Int,
-    N: Int,
-    n0: Int,
+    base: Int,
+    ld: Int,
+    pf_off: Int,
     do_prefetch: Bool,
     k0: Int,
     k1: Int,
     mut acc: Array[SIMD[DType.float32, W16], MB * NVT],
 ):
-    """acc[m, v] += x[m0 + m, k] * w[k, n0 + v*16 ...] for k in k0..k1, in k order."""
+    """acc[m, v] += x[m0 + m, k] * w(k, v*16 ...) for k in k0..k1, in k order; w(k, j) at base + k*ld + j."""
     # weight elements per 64-byte cache line
     comptime LINE = 64 // size_of[WT]()
-    var pf_off = n0 + PF_DIST * W16 * NVT
     for k in range(k0, k1):
-        var row = k * N
+        var row = k * ld
         if do_prefetch:
             comptime for l in range(ceildiv(NVT * W16, LINE)):
                 prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](
@@ -90,7 +110,7 @@ def _accumulate[
                 )
         var wv = Array[SIMD[DType.float32, W16], NVT](fill=0)
         comptime for v in range(NVT):
-            wv[v] = wp.unsafe_load[width=W16](row + n0 + v * W16).cast[
+            wv[v] = wp.unsafe_load[width=W16](row + base + v * W16).cast[
                 DType.float32
             ]()
         comptime for m in range(MB):
@@ -101,7 +121,7 @@ def _accumulate[
 
 @always_inline
 def _tiles_mb[
-    MB: Int, WT: DType, SCALED: Bool
+    MB: Int, WT: DType, SCALED: Bool, PACKED: Bool
 ](
     xp: Pointer[Float32, MutAnyOrigin],
     wp: Pointer[Scalar[WT], MutAnyOrigin],
@@ -116,20 +136,22 @@ def _tiles_mb[
     # Wide tiles (more independent FMA chains) for few rows, base tiles else.
     comptime NVT = NV * 2 if MB <= 3 else NV
     comptime STEP = NVT // NV
-    var pf_limit = N - (PF_DIST + 1) * W16 * NVT
+    # [K, N] row-major: no prefetch past the last tiles; panels: prefetch past a panel's end reads the
+    # next panel (the last one's is past the weight: a prefetch never faults, and the kernel reads none)
+    var pf_limit = N * K if PACKED else N - (PF_DIST + 1) * W16 * NVT
     var t = t0
     while t + STEP <= t1:
         var n0 = t * TILE
-        _tile[MB, NVT, WT, SCALED](xp, wp, sp, op, m0, K, N, n0, n0 <= pf_limit)
+        _tile[MB, NVT, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, n0, n0 <= pf_limit)
         t += STEP
     while t < t1:
         var n0 = t * TILE
-        _tile[MB, NV, WT, SCALED](xp, wp, sp, op, m0, K, N, n0, n0 <= pf_limit)
+        _tile[MB, NV, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, n0, n0 <= pf_limit)
         t += 1
 
 
 def _cpu_matmul[
-    WT: DType, SCALED: Bool
+    WT: DType, SCALED: Bool, PACKED: Bool
 ](
     xp: Pointer[Float32, MutAnyOrigin],
     wp: Pointer[Scalar[WT], MutAnyOrigin],
@@ -139,10 +161,13 @@ def _cpu_matmul[
     K: Int,
     N: Int,
 ) raises:
-    var nfull = N // TILE
-    var ntiles = ceildiv(N, TILE)
+    # panels: every tile is whole (the last panel padded), and a thread's tiles start on a panel
+    var nfull = ceildiv(N, PANEL) * (PANEL // TILE) if PACKED else N // TILE
+    var ntiles = nfull if PACKED else ceildiv(N, TILE)
     var nthreads = max(1, min(parallelism_level(None), ntiles))
     var tiles_per = ceildiv(ntiles, nthreads)
+    comptime if PACKED:
+        tiles_per = ceildiv(tiles_per, PANEL // TILE) * (PANEL // TILE)
 
     def work(tid: Int) raises {var}:
         var t0 = tid * tiles_per
@@ -152,24 +177,24 @@ def _cpu_matmul[
             var mb = min(M - m0, MB_MAX)
             if t0 < t1:
                 if mb == 8:
-                    _tiles_mb[8, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[8, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
                 elif mb == 7:
-                    _tiles_mb[7, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[7, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
                 elif mb == 6:
-                    _tiles_mb[6, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[6, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
                 elif mb == 5:
-                    _tiles_mb[5, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[5, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
                 elif mb == 4:
-                    _tiles_mb[4, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[4, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
                 elif mb == 3:
-                    _tiles_mb[3, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[3, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
                 elif mb == 2:
-                    _tiles_mb[2, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[2, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
                 else:
-                    _tiles_mb[1, WT, SCALED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[1, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
             m0 += mb
-        # Ragged tail (N % TILE columns): scalar, done by the last thread.
-        if tid == nthreads - 1:
+        # Ragged tail (N % TILE columns; none in panels): scalar, done by the last thread.
+        if not PACKED and tid == nthreads - 1:
             for n in range(nfull * TILE, N):
                 for m in range(M):
                     var s = Float32(0)
@@ -212,7 +237,7 @@ struct Fp16WeightMatmul:
         if w.dim_size(0) != K or output.dim_size(0) != M or output.dim_size(1) != N:
             raise Error("fp16_weight_matmul: shape mismatch")
         # No scale: the output pointer stands in for it, never read.
-        _cpu_matmul[DType.float16, False](
+        _cpu_matmul[DType.float16, False, False](
             x.unsafe_ptr(),
             w.unsafe_ptr(),
             output.unsafe_ptr(),
@@ -245,10 +270,44 @@ struct Int8WeightMatmul:
         if (w.dim_size(0) != K or K % GROUP != 0 or scale.dim_size(0) != K // GROUP
                 or scale.dim_size(1) != N or output.dim_size(0) != M or output.dim_size(1) != N):
             raise Error("int8_weight_matmul: shape mismatch (K must be a multiple of 64)")
-        _cpu_matmul[DType.int8, True](
+        _cpu_matmul[DType.int8, True, False](
             x.unsafe_ptr(),
             w.unsafe_ptr(),
             scale.unsafe_ptr(),
+            output.unsafe_ptr(),
+            M,
+            K,
+            N,
+        )
+
+
+@register("fp16_panel_matmul")
+struct Fp16PanelMatmul:
+    """Computes out[M, N] (f32) = x[M, K] (f32) @ f32(W) for an fp16 weight packed in panels of 64 columns:
+    w[p, k * 64 + c] = W[k, 64p + c], [ceil(N / 64), K * 64], the last panel padded. Each tile reads its
+    panel as one sequential stream (the [K, N] layout reads 128 bytes a row, N * 2 bytes apart); the
+    products and their order are fp16_weight_matmul's, so the values are too."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[dtype=DType.float16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("fp16_panel_matmul: only the CPU target is implemented")
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = output.dim_size(1)
+        if w.dim_size(0) != ceildiv(N, PANEL) or w.dim_size(1) != K * PANEL or output.dim_size(0) != M:
+            raise Error("fp16_panel_matmul: shape mismatch")
+        _cpu_matmul[DType.float16, False, True](
+            x.unsafe_ptr(),
+            w.unsafe_ptr(),
+            output.unsafe_ptr(),
             output.unsafe_ptr(),
             M,
             K,
