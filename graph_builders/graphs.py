@@ -32,7 +32,7 @@ exact values. The encoder keeps fp32 weights.
 
 int8 weights (compiled on request only, CPU, never exact): the weights token rows read (every
 decoder linear a token goes through) are int8 with one fp32 scale per 64 input rows of each output
-column, read by the int8 kernel: a quarter of fp32's bytes, half of fp16's. The output projection
+column, read by the int8 kernel (in panels, as the fp16 ones): a quarter of fp32's bytes, half of fp16's. The output projection
 (the token embedding, the largest weight) is int8 on both sides (kernels/, int8_logits: the hidden
 states quantized per 64 values, one scale per token, VNNI), and every logit within RESCORE_MARGIN of
 its row's best is then recomputed in fp32 from the embedding's own fp16 rows, which the token lookup
@@ -59,7 +59,7 @@ from max.graph import BufferType, BufferValue, DeviceRef, Graph, TensorType, Ten
 
 from .kernels import (ATTENTION_HEAD_DIM, DYNAMIC_INT8_TILE, INT8_GROUP, KERNELS_PATH, PANEL, cached_query_attention,
                       dynamic_int8_matmul, fp16_panel_matmul, grouped_query_attention, int8_logits,
-                      int8_weight_matmul, quantize_rows, single_query_attention)
+                      int8_panel_matmul, quantize_rows, single_query_attention)
 
 # The int8 build's logits within this much of a row's best are recomputed in fp32 (module docstring):
 # two tokens whose int8 logits are further apart than this keep their order.
@@ -82,7 +82,7 @@ class WeightSpec:
     output's scale), packed in column tiles of 64 for dynamic_int8_matmul: (out / 64, in * 64)).
     The value is cast to `dtype` after the transform ("float32", or "float16": exact for tensors
     stored as fp16, rounded when the user compiled an fp32 checkpoint with 16-bit decoder weights),
-    or for "int8" with "transpose", quantized: round(value / its group's scale), (in, out).
+    or for "int8" with "panels", quantized: round(value / its group's scale), in panels.
     """
 
     name: str
@@ -167,7 +167,7 @@ class WhisperGraphs:
         if decoder and self.int8_weights and not many_rows:
             weight, scale = self._int8_weight(w, source, shape)
             rows = ops.reshape(x, [-1, shape[0]])
-            return ops.reshape(int8_weight_matmul(rows, weight, scale), [*x.shape[:-1], shape[1]])
+            return ops.reshape(int8_panel_matmul(rows, weight, scale), [*x.shape[:-1], shape[1]])
         if not (decoder and self.fp16_weights):
             return x @ w.get(source, shape, "transpose")
         if many_rows or not self.use_kernels:
@@ -186,9 +186,11 @@ class WhisperGraphs:
 
     @staticmethod
     def _int8_weight(w: WeightSet, source: str, shape: tuple[int, int]) -> tuple[Weight, Weight]:
-        """`source` (out, in) as int8 (in, out) and its fp32 scales (in / 64, out)."""
-        return (w.get(source, shape, "transpose", DType.int8),
-                w.get(source, (shape[0] // INT8_GROUP, shape[1]), "group_scale"))
+        """`source` (out, in) as int8 panels of PANEL outputs (in, out in panels: _panels' layout) and its
+        fp32 scales (in / 64, out)."""
+        n_in, n_out = shape
+        return (w.get(source, (n_out // PANEL, n_in * PANEL), "panels", DType.int8),
+                w.get(source, (n_in // INT8_GROUP, n_out), "group_scale"))
 
     def _linear(self, w: WeightSet, x: TensorValue, prefix: str, n_in: int, n_out: int, bias: bool = True,
                 many_rows: bool = False) -> TensorValue:

@@ -110,12 +110,12 @@ def _log_softmax_terms(logits: np.ndarray, work: Optional[np.ndarray] = None) ->
     (overwritten), from a _WorkArray.
     """
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # the peak of the float32 logits is the float64 copy's, exactly; the subtraction widens them as
+        # it goes (one pass over the vocabulary instead of a copy, a float64 max and a subtraction)
+        peak = np.max(logits, axis=-1, keepdims=True).astype(np.float64)
         if work is None:
-            work = np.array(logits, dtype=np.float64)
-        else:
-            np.copyto(work, logits)
-        peak = np.max(work, axis=-1, keepdims=True)
-        np.subtract(work, peak, out=work)
+            work = np.empty(np.shape(logits), dtype=np.float64)
+        np.subtract(logits, peak, out=work)
         np.exp(work, out=work)
         return peak, np.log(np.sum(work, axis=-1, keepdims=True))
 

@@ -101,21 +101,24 @@ def _quantize_per_output(array: np.ndarray, tile: int = 64, rows: int = 256) -> 
 
 # The int8 build's weights made by quantizing a tensor (see graph_builders/graphs.py, WeightSpec):
 # transform -> (how the tensor is quantized, which part of the result the weight is).
-_INT8_PARTS = {"group_scale": (_quantize, 1), "transpose": (_quantize, 0),
+_INT8_PARTS = {"group_scale": (_quantize, 1), "transpose": (_quantize, 0), "panels": (_quantize, 0),
                "output_scale": (_quantize_per_output, 1), "vnni_pack": (_quantize_per_output, 0)}
+_INT8_VALUES = ("transpose", "panels", "vnni_pack")  # the transforms whose weight is the int8 values
 
 
 def _int8_part(spec: dict, source: np.ndarray, quantized: dict) -> np.ndarray:
     """An int8 build's weight the manifest names: its tensor quantized once per kind (cached in
     `quantized` for the weight made of the other part), then the part it asks for."""
     kind = _INT8_PARTS.get(spec["transform"])
-    if kind is None or (spec["transform"] in ("transpose", "vnni_pack")) != (spec["dtype"] == "int8"):
+    if kind is None or (spec["transform"] in _INT8_VALUES) != (spec["dtype"] == "int8"):
         raise ArtifactError(f"the manifest asks for int8 weights made by {spec['transform']!r}; "
                             "rebuild them with this version's make compile")
     quantize, part = kind
     key = (spec["source"], quantize)
     if key not in quantized:
         quantized[key] = quantize(source)
+    if spec["transform"] == "panels":  # the (in, out) int8 values, in panels of their outputs
+        return _panels(quantized[key][part].T, np.int8)
     return quantized[key][part]
 
 

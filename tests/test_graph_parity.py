@@ -169,11 +169,11 @@ def test_manifest_records_provenance(tiny_model_dir):
 
 
 def test_one_copy_of_each_checkpoint_tensor_per_layout(tiny_model_dir):
-    # the token embedding, the largest weight, is bound once: (state, vocab) for the output
-    # projection, whose columns are also the embedding the decoder gathers
+    # the token embedding, the largest weight, is bound once: fp16 panels of 64 tokens for the output
+    # projection (the kernel's layout), whose columns are also the embedding the decoder gathers
     manifest = json.loads((tiny_model_dir / "cpu" / "manifest.json").read_text())
     dims = json.loads((tiny_model_dir / "model.json").read_text())["dims"]
     specs = {spec["name"]: spec for graph in manifest["graphs"].values() for spec in graph["weights"]}
     embedding = [spec for spec in specs.values() if spec["source"] == "decoder.token_embedding.weight"]
-    assert [(spec["transform"], spec["shape"]) for spec in embedding] == [("transpose", [dims["n_text_state"],
-                                                                                         dims["n_vocab"]])]
+    assert [(spec["transform"], spec["dtype"], spec["shape"]) for spec in embedding] == [
+        ("panels", "float16", [-(-dims["n_vocab"] // 64), dims["n_text_state"] * 64])]

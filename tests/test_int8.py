@@ -95,8 +95,10 @@ def test_int8_build_sits_beside_the_exact_one(real_tiny_en_dir, real_tiny_en_int
     assert int8["decoder_weights"] == {"dtype": "int8", "exact": False, "logits": "rescored"}
     assert exact["decoder_weights"] == {"dtype": "float16", "exact": True}
     step = {w["name"]: w for w in int8["graphs"]["decoder_step"]["weights"]}
-    assert step["decoder.blocks.0.mlp.0.weight:transpose@int8"]["shape"] == [384, 1536]
+    # the decoder's linears: int8 in panels of 64 outputs, one scale per 64 inputs of an output
+    assert step["decoder.blocks.0.mlp.0.weight:panels@int8"]["shape"] == [1536 // 64, 384 * 64]
     assert step["decoder.blocks.0.mlp.0.weight:group_scale"]["shape"] == [6, 1536]
+    assert not any(name.endswith(":transpose@int8") for name in step)
     # the output projection: int8 for VNNI by token (the vocabulary padded to whole tiles of 64), and
     # the embedding's own fp16 rows, which the token lookup and the logits near the best read
     assert step["decoder.token_embedding.weight:vnni_pack@int8"]["shape"] == [811, 384 * 64]

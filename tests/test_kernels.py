@@ -230,40 +230,49 @@ def test_fp16_weight_matmul_equals_stock_fp32_matmul(kernel_graphs, m, k, n):
 
 
 PANEL_SHAPES = ((384, 51865), (1536, 384), (64, 37))  # (k, n): the vocabulary's partial last panel, a 4x
+INT8_PANEL_SHAPES = ((1536, 384), (64, 128))  # the int8 build's: k and n multiples of 64
 
 
 @pytest.fixture(scope="module")
 def panel_matmul():
-    """One graph of fp16_panel_matmul and MAX's own matmul on the widened [k, n] weight, per PANEL_SHAPES."""
+    """One graph: per PANEL_SHAPES fp16_panel_matmul and MAX's own matmul on the widened [k, n] weight, per
+    INT8_PANEL_SHAPES int8_panel_matmul and int8_weight_matmul on the [k, n] values."""
     from max.driver import CPU
     from max.dtype import DType
     from max.engine import InferenceSession
     from max.graph import DeviceRef, Graph, TensorType, ops
 
-    from graph_builders.kernels import KERNELS_PATH, PANEL, fp16_panel_matmul
+    from graph_builders.kernels import KERNELS_PATH, PANEL, fp16_panel_matmul, int8_panel_matmul, int8_weight_matmul
 
     cpu = DeviceRef.CPU()
     inputs = []
     for i, (k, n) in enumerate(PANEL_SHAPES):
-        inputs += [TensorType(DType.float32, [f"m{i}", k], cpu), TensorType(DType.float16, [-(-n // PANEL), k * PANEL], cpu),
-                   TensorType(DType.float16, [k, n], cpu)]
+        inputs += [TensorType(DType.float32, [f"m{i}", k], cpu),
+                   TensorType(DType.float16, [-(-n // PANEL), k * PANEL], cpu), TensorType(DType.float16, [k, n], cpu)]
+    for i, (k, n) in enumerate(INT8_PANEL_SHAPES):
+        inputs += [TensorType(DType.float32, [f"q{i}", k], cpu), TensorType(DType.int8, [n // PANEL, k * PANEL], cpu),
+                   TensorType(DType.int8, [k, n], cpu), TensorType(DType.float32, [k // 64, n], cpu)]
     with Graph("panel_matmul_kernel", input_types=inputs, custom_extensions=[KERNELS_PATH]) as graph:
         values = [v.tensor for v in graph.inputs]
         outputs = []
         for i, (k, n) in enumerate(PANEL_SHAPES):
             x, panels, w = values[3 * i:3 * i + 3]
             outputs += [fp16_panel_matmul(x, panels, n), x @ ops.cast(w, DType.float32)]
+        for i in range(len(INT8_PANEL_SHAPES)):
+            x, panels, w, scale = values[3 * len(PANEL_SHAPES) + 4 * i:][:4]
+            outputs += [int8_panel_matmul(x, panels, scale), int8_weight_matmul(x, w, scale)]
         graph.output(*outputs)
     return InferenceSession(devices=[CPU()]).load(graph)
 
 
 @pytest.mark.parametrize("m", [1, 3, 6, 40])
-def test_fp16_panel_matmul_equals_stock_fp32_matmul(panel_matmul, m):
-    """The weight packed in panels (the runtime's "panels" transform) gives MAX's own fp32 matmul bit for bit,
-    over one-, few- and many-row tiles, threads' shares and a last panel the outputs do not fill."""
+def test_panel_matmuls_equal_the_row_major_products(panel_matmul, m):
+    """A weight packed in panels (the runtime's "panels" transform) gives the same products bit for bit:
+    fp16 MAX's own fp32 matmul, int8 int8_weight_matmul's, over one-, few- and many-row tiles, threads'
+    shares and a last panel the outputs do not fill."""
     from max.driver import Buffer
 
-    from runtime.engine import _transform
+    from runtime.engine import _int8_part, _quantize, _transform
 
     rng = np.random.default_rng(m)
     arrays, weights = [], []
@@ -272,11 +281,21 @@ def test_fp16_panel_matmul_equals_stock_fp32_matmul(panel_matmul, m):
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)  # (out, in), as a checkpoint stores it
         arrays += [x, _transform(w, "panels", np.float16), np.ascontiguousarray(w.T)]
         weights.append((x, w))
+    for k, n in INT8_PANEL_SHAPES:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
+        values, scale = _quantize(w)
+        panels = _int8_part({"source": "w", "transform": "panels", "dtype": "int8"}, w, {})
+        arrays += [x, panels, values, scale]
     outputs = [o.to_numpy() for o in panel_matmul.execute(*(Buffer.from_numpy(a) for a in arrays))]
-    for (x, w), ours, stock in zip(weights, outputs[0::2], outputs[1::2]):
+    n_fp16 = 2 * len(PANEL_SHAPES)
+    for (x, w), ours, stock in zip(weights, outputs[0:n_fp16:2], outputs[1:n_fp16:2]):
         assert ours.shape == (m, w.shape[0])
         np.testing.assert_array_equal(ours, stock)
         assert np.abs(ours - x.astype(np.float64) @ w.T.astype(np.float64)).max() < 1e-4
+    for (k, n), ours, rowmajor in zip(INT8_PANEL_SHAPES, outputs[n_fp16::2], outputs[n_fp16 + 1::2]):
+        assert ours.shape == (m, n) and np.abs(ours).max() > 0
+        np.testing.assert_array_equal(ours, rowmajor)
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 384, 51865), (5, 512, 1536), (11, 1536, 384), (3, 64, 37)])

@@ -3,7 +3,8 @@
 ``fp16_weight_matmul(x, w)``: out[M, N] f32 = x[M, K] f32 @ f32(w[K, N] f16),
 fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
 ``fp16_panel_matmul(x, w, n)``: the same product from the weight packed in panels of 64 columns.
-``int8_weight_matmul(x, w, scale)``: the same over int8 weights with one scale per 64 rows of a column.
+``int8_weight_matmul(x, w, scale)``: the same over int8 weights with one scale per 64 rows of a column;
+``int8_panel_matmul(x, w, scale)`` from the int8 weight in panels.
 ``quantize_rows(x)`` and ``dynamic_int8_matmul(q, q_scale, w, w_scale, bias)``: int8 activations times
 int8 weights, summed exactly in int32 (AVX-512 VNNI where the CPU has it), for the int8 build's encoder.
 ``int8_logits(hidden, q, q_scale, w, w_scale, embedding, margin)``: the int8 build's logits the same way,
@@ -38,6 +39,7 @@ KERNELS_PATH = KERNELS_DIR / "mojo"
 OP_NAME = "fp16_weight_matmul"
 INT8_OP_NAME = "int8_weight_matmul"
 PANEL_OP_NAME = "fp16_panel_matmul"
+INT8_PANEL_OP_NAME = "int8_panel_matmul"
 PANEL = PANEL_WIDTH  # columns of a packed fp16 weight's panel (weight_matmul.mojo, PANEL)
 ATTENTION_OP_NAME = "single_query_attention"
 GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
@@ -51,7 +53,7 @@ ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model
 
 __all__ = ["ATTENTION_HEAD_DIM", "DYNAMIC_INT8_TILE", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "PANEL", "build_mojoc",
            "cached_query_attention", "dynamic_int8_matmul", "fp16_panel_matmul", "fp16_weight_matmul",
-           "grouped_query_attention",
+           "grouped_query_attention", "int8_panel_matmul",
            "int8_logits", "int8_weight_matmul", "quantize_rows", "single_query_attention"]
 
 
@@ -110,6 +112,18 @@ def int8_weight_matmul(x: TensorValue, w: TensorValue, scale: TensorValue) -> Te
         raise TypeError(f"expected x float32, w int8, scale float32, got {x.dtype}, {w.dtype}, {scale.dtype}")
     out_type = TensorType(DType.float32, [x.shape[0], w.shape[1]], device=DeviceRef.CPU())
     return ops.custom(INT8_OP_NAME, device=DeviceRef.CPU(), values=[x, w, scale], out_types=[out_type])[0].tensor
+
+
+def int8_panel_matmul(x: TensorValue, w: TensorValue, scale: TensorValue) -> TensorValue:
+    """int8_weight_matmul from the int8 weight packed in panels of 64 columns, w [N / 64, K * 64] with
+    w[p, k * 64 + c] = W[k, 64p + c], scale [K / 64, N]: the same values. K and N multiples of 64."""
+    x, w, scale = TensorValue(x), TensorValue(w), TensorValue(scale)
+    if x.rank != 2 or w.rank != 2 or scale.rank != 2:
+        raise ValueError(f"expected x [M, K], w [N/64, K*64], scale [K/64, N], got {x.shape}, {w.shape}, {scale.shape}")
+    if x.dtype != DType.float32 or w.dtype != DType.int8 or scale.dtype != DType.float32:
+        raise TypeError(f"expected x float32, w int8, scale float32, got {x.dtype}, {w.dtype}, {scale.dtype}")
+    out_type = TensorType(DType.float32, [x.shape[0], scale.shape[1]], device=DeviceRef.CPU())
+    return ops.custom(INT8_PANEL_OP_NAME, device=DeviceRef.CPU(), values=[x, w, scale], out_types=[out_type])[0].tensor
 
 
 def quantize_rows(x: TensorValue, group: int) -> tuple[TensorValue, TensorValue]:

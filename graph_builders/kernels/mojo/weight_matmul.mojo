@@ -3,6 +3,10 @@
 #   fp16_weight_matmul: output[M, N] (f32) = x[M, K] (f32) @ f32(w[K, N] (f16))
 #   int8_weight_matmul: output[M, n] (f32) = sum over groups g of
 #                       (x[M, g*64:(g+1)*64] @ f32(w[g*64:(g+1)*64, n] (i8))) * scale[g, n]
+#   fp16_panel_matmul, int8_panel_matmul: the same products from weights packed in panels of
+#                       PANEL=64 columns, w[p, k*64 + c] = W[k, 64p + c]: a tile reads its panel
+#                       as one sequential stream, where [K, N] reads 64-128 bytes a row, a row
+#                       apart (base's shapes: 1.3-2.2x faster standalone, ~10% of a step)
 #
 # Weights are read narrow (fp16: half the bytes of fp32, int8: a quarter) and
 # widened to fp32 in registers; all products and sums are fp32 (FMA), so the
@@ -308,6 +312,40 @@ struct Fp16PanelMatmul:
             x.unsafe_ptr(),
             w.unsafe_ptr(),
             output.unsafe_ptr(),
+            output.unsafe_ptr(),
+            M,
+            K,
+            N,
+        )
+
+
+@register("int8_panel_matmul")
+struct Int8PanelMatmul:
+    """int8_weight_matmul's product from the int8 weight packed in panels of 64 columns, w [N / 64, K * 64]
+    with w[p, k * 64 + c] = W[k, 64p + c] (N a multiple of 64), scale [K / 64, N]: the same values."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[dtype=DType.int8, rank=2, ...],
+        scale: InputTensor[dtype=DType.float32, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target != "cpu":
+            raise Error("int8_panel_matmul: only the CPU target is implemented")
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = output.dim_size(1)
+        if (N % PANEL != 0 or K % GROUP != 0 or w.dim_size(0) != N // PANEL or w.dim_size(1) != K * PANEL
+                or scale.dim_size(0) != K // GROUP or scale.dim_size(1) != N or output.dim_size(0) != M):
+            raise Error("int8_panel_matmul: shape mismatch (K and N must be multiples of 64)")
+        _cpu_matmul[DType.int8, True, True](
+            x.unsafe_ptr(),
+            w.unsafe_ptr(),
+            scale.unsafe_ptr(),
             output.unsafe_ptr(),
             M,
             K,
