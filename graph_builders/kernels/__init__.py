@@ -105,25 +105,24 @@ def int8_weight_matmul(x: TensorValue, w: TensorValue, scale: TensorValue) -> Te
     w holds symmetric int8 values with one scale per INT8_GROUP rows of each column: a quarter of
     fp32's bytes. K must be a multiple of 64. Same graph requirements as fp16_weight_matmul.  CPU only.
     """
-    x, w, scale = TensorValue(x), TensorValue(w), TensorValue(scale)
-    if x.rank != 2 or w.rank != 2 or scale.rank != 2:
-        raise ValueError(f"expected x [M, K], w [K, N], scale [K/64, N], got {x.shape}, {w.shape}, {scale.shape}")
-    if x.dtype != DType.float32 or w.dtype != DType.int8 or scale.dtype != DType.float32:
-        raise TypeError(f"expected x float32, w int8, scale float32, got {x.dtype}, {w.dtype}, {scale.dtype}")
-    out_type = TensorType(DType.float32, [x.shape[0], w.shape[1]], device=DeviceRef.CPU())
-    return ops.custom(INT8_OP_NAME, device=DeviceRef.CPU(), values=[x, w, scale], out_types=[out_type])[0].tensor
+    return _int8_matmul(INT8_OP_NAME, "[K, N]", x, w, scale)
 
 
 def int8_panel_matmul(x: TensorValue, w: TensorValue, scale: TensorValue) -> TensorValue:
     """int8_weight_matmul from the int8 weight packed in panels of 64 columns, w [N / 64, K * 64] with
     w[p, k * 64 + c] = W[k, 64p + c], scale [K / 64, N]: the same values. K and N multiples of 64."""
+    return _int8_matmul(INT8_PANEL_OP_NAME, "[N/64, K*64]", x, w, scale)
+
+
+def _int8_matmul(op_name: str, layout: str, x: TensorValue, w: TensorValue, scale: TensorValue) -> TensorValue:
+    """One of the int8-weight matmuls, x [M, K] times w (`layout`) with scale [K / 64, N] -> [M, N]."""
     x, w, scale = TensorValue(x), TensorValue(w), TensorValue(scale)
     if x.rank != 2 or w.rank != 2 or scale.rank != 2:
-        raise ValueError(f"expected x [M, K], w [N/64, K*64], scale [K/64, N], got {x.shape}, {w.shape}, {scale.shape}")
+        raise ValueError(f"expected x [M, K], w {layout}, scale [K/64, N], got {x.shape}, {w.shape}, {scale.shape}")
     if x.dtype != DType.float32 or w.dtype != DType.int8 or scale.dtype != DType.float32:
         raise TypeError(f"expected x float32, w int8, scale float32, got {x.dtype}, {w.dtype}, {scale.dtype}")
     out_type = TensorType(DType.float32, [x.shape[0], scale.shape[1]], device=DeviceRef.CPU())
-    return ops.custom(INT8_PANEL_OP_NAME, device=DeviceRef.CPU(), values=[x, w, scale], out_types=[out_type])[0].tensor
+    return ops.custom(op_name, device=DeviceRef.CPU(), values=[x, w, scale], out_types=[out_type])[0].tensor
 
 
 def quantize_rows(x: TensorValue, group: int) -> tuple[TensorValue, TensorValue]:
