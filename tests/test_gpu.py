@@ -32,8 +32,15 @@ def test_cross_compiled_gpu_artifacts(gpu_model_dir):
     cpu_manifest = json.loads((gpu_model_dir / "cpu" / "manifest.json").read_text())
     for name, graph in manifest["graphs"].items():
         assert (target / graph["file"]).stat().st_size > 0
-        # same weights contract as the CPU build; a different target gives a different signature
-        assert graph["weights"] == cpu_manifest["graphs"][name]["weights"]
+        # the same checkpoint tensors as the CPU build, in the same layouts but where the CPU's fp16 kernel
+        # reads panels (the GPU casts the (in, out) fp16 weight in the graph); a different signature
+        cpu_weights = cpu_manifest["graphs"][name]["weights"]
+        assert sorted({w["source"] for w in graph["weights"]}) == sorted({w["source"] for w in cpu_weights})
+        cpu_layouts = {(w["source"], w["transform"], w["dtype"]) for w in cpu_weights}
+        for weight in graph["weights"]:
+            layout = (weight["source"], weight["transform"], weight["dtype"])
+            assert layout in cpu_layouts or (weight["transform"], weight["dtype"]) == ("transpose", "float16") and \
+                (weight["source"], "panels", "float16") in cpu_layouts, layout
         assert graph["signature"] != cpu_manifest["graphs"][name]["signature"]
 
 
