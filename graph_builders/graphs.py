@@ -32,8 +32,8 @@ exact values. The encoder keeps fp32 weights.
 
 int8 weights (compiled on request only, CPU, never exact): the weights token rows read (every
 decoder linear a token goes through) are int8 with one fp32 scale per 64 input rows of each output
-column, read by the int8 kernel (in panels, as the fp16 ones): a quarter of fp32's bytes, half of fp16's. The output projection
-(the token embedding, the largest weight) is int8 on both sides (kernels/, int8_logits: the hidden
+column, read by the int8 kernel in panels as the fp16 ones: a quarter of fp32's bytes, half of
+fp16's. The output projection (the token embedding, the largest weight) is int8 on both sides (kernels/, int8_logits: the hidden
 states quantized per 64 values, one scale per token, VNNI), and every logit within RESCORE_MARGIN of
 its row's best is then recomputed in fp32 from the embedding's own fp16 rows, which the token lookup
 reads too. Without that, about 1% of the positions' best tokens change (teacher-forced, base,
