@@ -309,8 +309,8 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
     content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
 
     # The window the language was detected on, with its audio features: the first window decodes from
-    # them when it is the same log-mel (it is, unless the audio is shorter than 30 s), as faster-whisper
-    # reuses its detection's encoder output, instead of encoding it again.
+    # them when it is the same log-mel (it is when that window starts at 0 and the audio lasts 30 s or
+    # more), as faster-whisper reuses its detection's encoder output, instead of encoding it again.
     detected_window = None
     if decode_options.get("language", None) is None:
         if not model.is_multilingual:
