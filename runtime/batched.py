@@ -75,13 +75,15 @@ def _input_chunks(index: int, audio: np.ndarray, mel: np.ndarray, speech: Option
                   language: Optional[str]) -> List[_Chunk]:
     """One input's chunks: its 30 s grid over `mel` (the padded log-mel of its audio), or with VAD (speech:
     its speech chunks) one chunk per piece of joined speech (at most 30 s), with the piece's own log-mel."""
+    chunks = []
     if speech is None:
         content_frames = mel.shape[-1] - N_FRAMES
-        return [_Chunk(index, seek, float(seek * HOP_LENGTH / SAMPLE_RATE),
-                       float(min(N_FRAMES, content_frames - seek) * HOP_LENGTH / SAMPLE_RATE),
-                       pad_or_trim(mel[:, seek:seek + min(N_FRAMES, content_frames - seek)], N_FRAMES), language)
-                for seek in range(0, content_frames, N_FRAMES)]
-    chunks = []
+        for seek in range(0, content_frames, N_FRAMES):
+            frames = min(N_FRAMES, content_frames - seek)
+            chunks.append(_Chunk(index, seek, float(seek * HOP_LENGTH / SAMPLE_RATE),
+                                 float(frames * HOP_LENGTH / SAMPLE_RATE),
+                                 pad_or_trim(mel[:, seek:seek + frames], N_FRAMES), language))
+        return chunks
     for piece in collect_chunks(audio, speech, max_duration=N_SAMPLES / SAMPLE_RATE):
         if len(piece.samples) == 0:  # no speech at all
             continue
@@ -206,7 +208,6 @@ def transcribe_batch(
             group_results = decode_group(undetected, options_at_temperature(dict(base, language=None), t))
             for chunk, result in zip(undetected, group_results):
                 languages[chunk.source] = result.language
-                tokenizer_of(result.language)
                 for other in own_chunks[chunk.source]:
                     other.language = result.language
                 decoded.append((chunk, result))
