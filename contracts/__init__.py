@@ -17,7 +17,9 @@ from pathlib import Path
 MODEL_FORMAT = "whisper-max/model@1"
 # @2: decoder_step takes the audio row of each token row (kv_rows) and the cross-attention keys and
 # values once per audio; artifacts of @1 feed it other inputs, so they are refused and rebuilt
-MANIFEST_FORMAT = "whisper-max/artifacts@3"
+# @4: the graphs' weights are made by `make compile` into the target's own weights file (the manifest's
+# "weights"), which the runtime maps as it is; @3 left making them to the runtime
+MANIFEST_FORMAT = "whisper-max/artifacts@4"
 MODEL_JSON = "model.json"
 MANIFEST_JSON = "manifest.json"
 # what every stage reads from model.json
@@ -28,12 +30,16 @@ FIX_CONVERT = "run `make convert` for this model"
 # build (`make compile DECODER_WEIGHTS=int8`, CPU only), kept in a folder of its own beside "cpu".
 COMPUTE_TYPES = ("exact", "int8")
 # The int8 build's weights share one scale per this many inputs of an output: the graphs' scale
-# weights are (inputs / INT8_GROUP, outputs), the runtime quantizes by the same groups, and the
+# weights are (inputs / INT8_GROUP, outputs), make compile quantizes by the same groups, and the
 # int8 kernel (graph_builders/kernels/mojo/weight_matmul.mojo, GROUP) sums them so.
 INT8_GROUP = 64
 # The exact CPU build's decoder weights for token rows are fp16 panels of this many outputs (the
-# manifest's "panels" transform, made by the runtime; weight_matmul.mojo's PANEL reads them).
+# manifest's "panels" transform, made by make compile; weight_matmul.mojo's PANEL reads them).
 PANEL_WIDTH = 64
+# A target's weights file (graph_builders/weights.py): its data begins on a boundary of this many bytes,
+# so the runtime's arrays mapped from it start on cache lines.
+TARGET_WEIGHTS = "weights.safetensors"
+WEIGHTS_ALIGNMENT = 64
 
 
 # A CPU build runs code compiled for the CPU that built it (MAX targets the host's instruction set;

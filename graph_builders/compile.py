@@ -1,9 +1,12 @@
-"""Compile stage: model.json -> artifacts/<name>/<target>/*.mef + manifest.json.
+"""Compile stage: model.json + weights.safetensors -> artifacts/<name>/<target>/*.mef, weights.safetensors,
+manifest.json.
 
 Graphs are built from model.json alone, compiled with InferenceSession.compile, and written with
-export_mef. GPU targets are cross-compiled on a CPU-only host through MAX's virtual devices. The
-manifest records where every artifact came from (MAX version, device, arch, graph signatures, the
-weights' sha256) and how each graph weight is made from a checkpoint tensor.
+export_mef. GPU targets are cross-compiled on a CPU-only host through MAX's virtual devices. Each
+graph weight is then made from its checkpoint tensor (transposed, packed, quantized: weights.py) into
+the target's own weights file, which the runtime maps as it is. The manifest records where every
+artifact came from (MAX version, device, arch, graph signatures, the checkpoint weights' sha256, the
+target weights' sha256) and how each graph weight was made.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, ContractError, atomic_write, cpu_features, read_manifest,
-                       read_model_json, sha256_bytes, sha256_file, target_folder, write_json)
+from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, TARGET_WEIGHTS, ContractError, atomic_write, cpu_features,
+                       read_manifest, read_model_json, sha256_bytes, sha256_file, target_folder, write_json)
 
 DEFAULT_GPU_ARCH = "sm_90a"  # what MAX names the H100 and H200 (driver.accelerator_architecture_name)
 DECODER_WEIGHTS = ("auto", "fp16", "fp32", "int8")
@@ -150,6 +153,7 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
             "compile_seconds": round(seconds, 2),
         }
 
+    weights = _target_weights(model, weights_path, target, graphs, previous, log)
     manifest = {
         "format": MANIFEST_FORMAT,
         **provenance,
@@ -162,10 +166,40 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
                   "source_format": model["source"].get("format", "openai"),
                   "weights_file": model["weights"]["file"], "weights_sha256": model["weights"]["sha256"]},
         "graphs": graphs,
+        "weights": weights,
     }
     if manifest != previous:
         write_json(target / MANIFEST_JSON, manifest)
     return target
+
+
+def _target_weights(model: dict, weights_path: Path, target: Path, graphs: dict, previous: dict | None, log) -> dict:
+    """Makes the target's weights file from the checkpoint's weights (kept when it is current); its manifest entry."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .weights import WeightError, make_weights, weights_signature, write_weights
+
+    specs = list({spec["name"]: spec for graph in graphs.values() for spec in graph["weights"]}.values())
+    signature = weights_signature(model["weights"]["sha256"], specs)
+    path = target / TARGET_WEIGHTS
+    old = (previous or {}).get("weights") or {}
+    if old.get("signature") == signature and path.is_file() and sha256_file(path) == old.get("sha256"):
+        log(f"{TARGET_WEIGHTS}: up to date")
+        return old
+    if sha256_file(weights_path) != model["weights"]["sha256"]:
+        raise CompileError(f"{weights_path} does not match the sha256 model.json records (corrupt or replaced); "
+                           "run `make convert` again")
+    started = time.perf_counter()
+    try:
+        tensors = load_file(str(weights_path))
+        write_weights(path, make_weights(specs, tensors))
+    except (SafetensorError, OSError) as exc:
+        raise CompileError(f"cannot make {path} from {weights_path} ({exc})") from None
+    except WeightError as exc:
+        raise CompileError(f"cannot make {path}: {exc}; run `make convert` again") from None
+    log(f"{TARGET_WEIGHTS}: {len(specs)} weights made in {time.perf_counter() - started:.1f} s -> {path}")
+    return {"file": TARGET_WEIGHTS, "sha256": sha256_file(path), "bytes": path.stat().st_size, "signature": signature}
 
 
 def kernels_sha256() -> str:

@@ -1,12 +1,14 @@
 """Loads prebuilt MAX artifacts and runs them: the production implementation of runtime.inference.
 
 Never compiles and never imports torch: `.mef` files are read with max.engine.read and initialized
-with weights bound from the safetensors. Everything is checked against the manifest first; a
+with the target's weights (made by make compile) bound as they are, mapped from their file.
+Everything is checked against the manifest first; a
 mismatch is an ArtifactError naming the command that rebuilds what is wrong.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from contracts import (COMPUTE_TYPES, FIX_CONVERT, INT8_GROUP, PANEL_WIDTH, ContractError, cpu_features,
-                       read_manifest, read_model_json, sha256_file, target_folder)
+from contracts import (COMPUTE_TYPES, FIX_CONVERT, WEIGHTS_ALIGNMENT, ContractError, cpu_features, read_manifest,
+                       read_model_json, sha256_file, target_folder)
 
 from .audio import AudioError, load_mel_filters
 from .inference import ModelDimensions
@@ -30,126 +32,6 @@ ON_FIRST_USE = ("decoder_alignment",)
 
 class ArtifactError(Exception):
     """A one-line, user-facing reason why artifacts cannot be used, with the command that fixes it."""
-
-
-def _transform(array: np.ndarray, transform: str, dtype) -> np.ndarray:
-    """The weight transforms the manifest names (graph_builders/graphs.py, WeightSpec), as a
-    contiguous array of `dtype`; the int8 build's quantized ones are _int8_part's."""
-    if transform == "none":
-        return np.ascontiguousarray(array, dtype=dtype)
-    if transform == "transpose":
-        return _transposed(array, dtype)
-    if transform == "conv1d_rscf":  # (out, in, k) -> (1, k, in, out)
-        return np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=dtype)
-    if transform == "panels" and array.ndim == 2:
-        return _panels(array, dtype)
-    raise ArtifactError(f"the manifest asks for an unknown weight transform {transform!r}; "
-                        "this runtime is older than the artifacts: rebuild them with this version's make compile")
-
-
-INT8_MAX = 127  # symmetric: -127..127, so a group's scale is max |value| / 127
-
-
-def _quantize(array: np.ndarray, rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """A 2-D (out, in) weight for the int8 build, in one pass: its transpose rounded to int8, (in, out),
-    and the fp32 scales, (in / 64, out) as the kernel reads them. Each 64 inputs of an output share
-    the scale max |value| / 127 (0 for a group of zeros) and are rounded to value / scale. Blocked as
-    _transposed, for the same reason."""
-    if array.ndim != 2 or array.shape[1] % INT8_GROUP:
-        raise ArtifactError(f"int8 weights need a 2-D tensor of a multiple of {INT8_GROUP} inputs, this one has "
-                            f"shape {list(array.shape)}; rebuild the artifacts with this version's make compile")
-    out_dim, n_in = array.shape
-    groups = n_in // INT8_GROUP
-    values = np.empty((n_in, out_dim), dtype=np.int8)
-    scale = np.empty((groups, out_dim), dtype=np.float32)
-    for first in range(0, out_dim, rows):
-        block = array[first:first + rows].astype(np.float32).reshape(-1, groups, INT8_GROUP)
-        block_scale = np.maximum(block.max(axis=2), -block.min(axis=2)) / INT8_MAX  # (rows, groups)
-        scale[:, first:first + rows] = block_scale.T
-        rounded = np.rint(block / np.where(block_scale > 0, block_scale, 1)[:, :, None]).reshape(-1, n_in)
-        values[:, first:first + rows] = np.clip(rounded, -INT8_MAX, INT8_MAX).T
-    return values, scale
-
-
-def _quantize_per_output(array: np.ndarray, tile: int = 64, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """A 2-D (out, in) weight for the int8 build's VNNI products (the audio rows, the output projection),
-    in one pass: rounded to int8 with one scale per output, max |value| / 127 (0 for an output of
-    zeros), packed as dynamic_int8_matmul reads it: (ceil(out / 64), in * 64), tile t holding
-    w[64t + c, 4g + j] at g * 256 + c * 4 + j; and the scales, (tiles * 64,). Outputs past `out` (the
-    vocabulary's last tile) are zeros with scale 0. `rows` outputs at a time, to stay in the cache."""
-    if rows % tile:
-        raise ValueError(f"rows ({rows}) must be a multiple of the tile ({tile})")
-    if array.ndim != 2 or array.shape[1] % 4:
-        raise ArtifactError(f"int8 weights for VNNI need a 2-D tensor of a multiple of 4 inputs, this one has "
-                            f"shape {list(array.shape)}; rebuild the artifacts with this version's make compile")
-    out_dim, n_in = array.shape
-    n_tiles = -(-out_dim // tile)
-    packed = np.empty((n_tiles, n_in * tile), dtype=np.int8)
-    scale = np.zeros(n_tiles * tile, dtype=np.float32)
-    for first in range(0, out_dim, rows):
-        block = array[first:first + rows].astype(np.float32)
-        if len(block) % tile:
-            block = np.concatenate([block, np.zeros((tile - len(block) % tile, n_in), dtype=np.float32)])
-        block_scale = np.maximum(block.max(axis=1), -block.min(axis=1)) / INT8_MAX
-        scale[first:first + len(block)] = block_scale
-        rounded = np.clip(np.rint(block / np.where(block_scale > 0, block_scale, 1)[:, None]), -INT8_MAX, INT8_MAX)
-        tiles = len(block) // tile
-        packed[first // tile:first // tile + tiles] = (
-            rounded.astype(np.int8).reshape(tiles, tile, n_in // 4, 4).transpose(0, 2, 1, 3).reshape(tiles, -1))
-    return packed, scale
-
-
-# The int8 build's weights made by quantizing a tensor (see graph_builders/graphs.py, WeightSpec):
-# transform -> (how the tensor is quantized, which part of the result the weight is).
-_INT8_PARTS = {"group_scale": (_quantize, 1), "transpose": (_quantize, 0), "panels": (_quantize, 0),
-               "output_scale": (_quantize_per_output, 1), "vnni_pack": (_quantize_per_output, 0)}
-_INT8_VALUES = ("transpose", "panels", "vnni_pack")  # the transforms whose weight is the int8 values
-
-
-def _int8_part(spec: dict, source: np.ndarray, quantized: dict) -> np.ndarray:
-    """An int8 build's weight the manifest names: its tensor quantized once per kind (cached in
-    `quantized` for the weight made of the other part), then the part it asks for."""
-    kind = _INT8_PARTS.get(spec["transform"])
-    if kind is None or (spec["transform"] in _INT8_VALUES) != (spec["dtype"] == "int8"):
-        raise ArtifactError(f"the manifest asks for int8 weights made by {spec['transform']!r}; "
-                            "rebuild them with this version's make compile")
-    quantize, part = kind
-    key = (spec["source"], quantize)
-    if key not in quantized:
-        quantized[key] = quantize(source)
-    if spec["transform"] == "panels":  # the (in, out) int8 values, in panels of their outputs
-        return _panels(quantized[key][part].T, np.int8)
-    return quantized[key][part]
-
-
-def _transposed(array: np.ndarray, dtype, rows: int = 64) -> np.ndarray:
-    """array.T as a new contiguous array of `dtype`, the same values. Copied `rows` source rows at a
-    time: numpy's strided copy of a whole transpose misses the cache on every element (base's
-    token embedding, 51865 x 512 fp16: 99 ms, blocked 17 ms), a block stays in it."""
-    if array.ndim != 2:
-        return np.ascontiguousarray(array.T, dtype=dtype)
-    out = np.empty(array.shape[::-1], dtype=dtype)
-    for first in range(0, array.shape[0], rows):
-        out[:, first:first + rows] = array[first:first + rows].T
-    return out
-
-
-def _panels(array: np.ndarray, dtype, panel: int = PANEL_WIDTH, panels_at_once: int = 4) -> np.ndarray:
-    """A 2-D (out, in) weight as fp16_panel_matmul reads it: (ceil(out / 64), in * 64), panel p holding
-    array[64p + c, k] at k * 64 + c, the outputs past `out` zeros. A few panels at a time, as
-    _transposed copies, to stay in the cache."""
-    out_dim, n_in = array.shape
-    n_panels = -(-out_dim // panel)
-    packed = np.zeros((n_panels, n_in * panel), dtype=dtype)
-    for first in range(0, n_panels, panels_at_once):
-        block = array[first * panel:(first + panels_at_once) * panel]
-        whole = len(block) // panel
-        if whole:
-            panels = block[:whole * panel].reshape(whole, panel, n_in)
-            packed[first:first + whole] = panels.transpose(0, 2, 1).reshape(whole, -1)
-        if len(block) % panel:  # the last, partial panel
-            packed[first + whole].reshape(n_in, panel)[:, :len(block) % panel] = block[whole * panel:].T
-    return packed
 
 
 @dataclass
@@ -282,37 +164,38 @@ class WhisperModel:
         self.cross_dtype = (step_inputs[cross_input]["dtype"].removeprefix("DType.")
                             if len(step_inputs) > cross_input else "float32")
 
-        weights_path = self.model_dir / model["weights"]["file"]
-        if not weights_path.is_file():
-            raise ArtifactError(f"{weights_path} not found; {fix_convert}")
-        expected_bytes = model["weights"].get("bytes")
-        if expected_bytes is not None and weights_path.stat().st_size != expected_bytes:
-            raise ArtifactError(f"{weights_path} is {weights_path.stat().st_size} bytes, model.json records "
-                                f"{expected_bytes} (truncated or replaced); {fix_convert}")
-        # Cold start: the checksums (the graphs' files and the weights, 208 MB for base) are computed
-        # on two other threads while this one reads the weights and makes the graphs' arrays of them.
+        # the graphs' weights, made by make compile from the checkpoint's (manifest: weights)
+        entry = manifest.get("weights") or {}
+        weights_path = target_dir / str(entry.get("file", ""))
+        if not entry.get("file") or not weights_path.is_file():
+            raise ArtifactError(f"{weights_path} not found; {fix_compile}")
+        if weights_path.stat().st_size != entry.get("bytes"):
+            raise ArtifactError(f"{weights_path} is {weights_path.stat().st_size} bytes, the manifest records "
+                                f"{entry.get('bytes')} (truncated or replaced); {fix_compile}")
+        # Cold start: the checksums (the graphs' files and the weights, 190 MB for base) are computed
+        # on two other threads while this one maps the weights and makes the graphs.
         # Each graph's file is checked before MAX reads it, the weights before this returns.
         pool = ThreadPoolExecutor(max_workers=2)
         try:
             graph_sha256, weights_sha256 = {}, None
             if verify_checksums:
-                for name, entry in manifest["graphs"].items():
-                    path = target_dir / entry["file"]
+                for name, graph in manifest["graphs"].items():
+                    path = target_dir / graph["file"]
                     if not path.is_file():
                         raise ArtifactError(f"{path} not found; {fix_compile}")
                     if name not in ON_FIRST_USE:  # those are checked when they are read
                         graph_sha256[name] = pool.submit(sha256_file, path)
                 weights_sha256 = pool.submit(sha256_file, weights_path)
             self._load_graphs(manifest, target_dir, weights_path, threads, graph_sha256 if verify_checksums else None,
-                              fix_convert, fix_compile)
-            if weights_sha256 is not None and weights_sha256.result() != model["weights"]["sha256"]:
+                              fix_compile)
+            if weights_sha256 is not None and weights_sha256.result() != entry.get("sha256"):
                 raise ArtifactError(f"{weights_path} does not match the sha256 recorded for it (corrupt or replaced); "
-                                    f"{fix_convert}")
+                                    f"{fix_compile}")
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _load_graphs(self, manifest: dict, target_dir: Path, weights_path: Path, threads: int | None,
-                     graph_sha256: dict | None, fix_convert: str, fix_compile: str) -> None:
+                     graph_sha256: dict | None, fix_compile: str) -> None:
         """graph_sha256: each eagerly loaded graph's checksum (a future), None to skip the checks."""
         from max import driver
         from max.engine import InferenceSession
@@ -323,21 +206,15 @@ class WhisperModel:
         global _cpu_device_made
         _cpu_device_made = True
         self.session = InferenceSession(devices=[self._device])
-        tensors = self._load_tensors(weights_path, fix_convert)
-
-        quantized = {}  # int8 builds: each tensor quantized once per kind, for its int8 values and its scales
+        tensors = _map_weights(weights_path, fix_compile)
+        self._mapped_weights = tensors  # the buffers are views of the mapping: it lives as long as the model
 
         def graph_weight(spec: dict):
-            source = tensors.get(spec["source"])
-            if source is None:
-                raise ArtifactError(f"{weights_path} has no tensor {spec['source']!r}; {fix_convert}")
-            if spec["transform"] in ("group_scale", "output_scale") or spec["dtype"] == "int8":
-                array = _int8_part(spec, source, quantized)
-            else:
-                array = _transform(source, spec["transform"], spec["dtype"])
-            if list(array.shape) != list(spec["shape"]):
-                raise ArtifactError(f"tensor {spec['source']} has shape {list(array.shape)} after "
-                                    f"{spec['transform']}, the graph expects {spec['shape']}; {fix_compile}")
+            array = tensors.get(spec["name"])
+            if array is None or array.dtype != np.dtype(spec["dtype"]) or list(array.shape) != list(spec["shape"]):
+                found = "none" if array is None else f"{array.dtype} {list(array.shape)}"
+                raise ArtifactError(f"{weights_path} holds {found} for weight {spec['name']!r}, the graphs expect "
+                                    f"{spec['dtype']} {list(spec['shape'])}; {fix_compile}")
             return self._to_device(array)
 
         # one array per weight name, shared by every graph that uses it
@@ -413,16 +290,6 @@ class WhisperModel:
             problems.append(f"lacks graph(s) {', '.join(missing)}")
         if problems:
             raise ArtifactError(f"artifacts in {self.model_dir / self.target.folder} are stale: {problems[0]}; {fix}")
-
-    @staticmethod
-    def _load_tensors(path: Path, fix: str) -> dict[str, np.ndarray]:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read {path} ({exc}); {fix}") from None
 
     # -- device transfers ------------------------------------------------------------------
     def _to_device(self, array: np.ndarray):
@@ -579,6 +446,40 @@ class MaxDecoderSession:
         shares = m.target.device == "cpu" and all(
             np.shares_memory(a, b.to_numpy()) for a, b in zip(arrays, self.self_cache))
         self._host_cache = arrays if shares else None
+
+
+# safetensors' dtype names -> numpy's, for the dtypes a target's weights have
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "I64": np.int64}
+
+
+def _map_weights(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """A target's weights file (a safetensors file: an 8-byte header length, a JSON header of each tensor's
+    dtype, shape and byte range, then the data) as arrays over the file's own pages, mapped copy-on-write:
+    nothing is read or copied until a kernel touches it, and MAX takes writable arrays without a copy.
+    safetensors' own loader copies every tensor (85 ms for base), hence the mapping here."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 0 < length < 1 << 24 else None
+        if not isinstance(header, dict):
+            raise ValueError("no safetensors header")
+        data = np.memmap(path, dtype=np.uint8, mode="c")
+        start = 8 + length
+        arrays = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            first, last = (start + int(i) for i in info["data_offsets"])
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            if not start <= first <= last <= len(data) or first % dtype.itemsize:
+                raise ValueError(f"tensor {name} lies outside the file")
+            arrays[name] = data[first:last].view(dtype).reshape(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                            f"{fix}") from None
+    if start % WEIGHTS_ALIGNMENT:  # written so by make compile (graph_builders/weights.py)
+        raise ArtifactError(f"{path} was not written by this version's make compile; {fix}")
+    return arrays
 
 
 def _with_room(cache: np.ndarray, n: int, capacity: int, keys: bool) -> np.ndarray:

@@ -19,13 +19,13 @@ from bench.wer import word_error_rate
 
 
 def test_quantization_rounds_each_group_of_64_inputs_to_its_own_scale():
-    from runtime.engine import _quantize
+    from graph_builders.weights import quantize
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((96, 128)) * 0.05).astype(np.float16)  # (out, in) as checkpoints store it
     weight[3] = 0  # an output of zeros
     weight[5, 70] = 4.0  # an outlier widens its own group's scale only
-    quantized, scale = _quantize(weight)
+    quantized, scale = quantize(weight)
     assert scale.shape == (2, 96) and quantized.shape == (128, 96) and quantized.dtype == np.int8
     per_value = np.repeat(scale, 64, axis=0)  # (in, out), like the quantized transpose
     assert np.all(np.abs(quantized * per_value - weight.astype(np.float32).T) <= per_value / 2 + 1e-8)
@@ -36,13 +36,13 @@ def test_quantization_rounds_each_group_of_64_inputs_to_its_own_scale():
 
 
 def test_per_output_quantization_packs_each_column_tile_for_the_kernel():
-    from runtime.engine import ArtifactError, _quantize_per_output
+    from graph_builders.weights import WeightError, quantize_per_output
 
     rng = np.random.default_rng(1)
     weight = (rng.standard_normal((320, 96)) * 0.05).astype(np.float16)  # (out, in); 5 tiles of 64 outputs
     weight[3] = 0
     weight[70, 5] = 4.0  # an outlier coarsens its own output only
-    packed, scale = _quantize_per_output(weight, rows=128)  # blocks that split the tiles unevenly
+    packed, scale = quantize_per_output(weight, rows=128)  # blocks that split the tiles unevenly
     assert packed.shape == (5, 96 * 64) and packed.dtype == np.int8 and scale.shape == (320,)
     # element [t, g * 256 + c * 4 + j] is output 64t + c, input 4g + j
     values = packed.reshape(5, 24, 64, 4).transpose(0, 2, 1, 3).reshape(320, 96)
@@ -52,13 +52,13 @@ def test_per_output_quantization_packs_each_column_tile_for_the_kernel():
     assert np.all(np.abs(values.astype(np.int32)).max(axis=1)[np.arange(320) != 3] == 127)
     assert scale[70] == pytest.approx(4.0 / 127) and scale[71] < scale[70] / 10
     # outputs that do not fill the last tile (the vocabulary's): zeros with scale 0 after them
-    ragged, ragged_scale = _quantize_per_output(weight[:100], rows=128)
+    ragged, ragged_scale = quantize_per_output(weight[:100], rows=128)
     assert ragged.shape == (2, 96 * 64) and ragged_scale.shape == (128,)
     assert np.array_equal(ragged[0], packed[0]) and np.array_equal(ragged_scale[:100], scale[:100])
     tail = ragged.reshape(2, 24, 64, 4).transpose(0, 2, 1, 3).reshape(128, 96)
     assert np.array_equal(tail[64:100], values[64:100]) and not tail[100:].any() and not ragged_scale[100:].any()
-    with pytest.raises(ArtifactError, match="multiple of 4 inputs"):
-        _quantize_per_output(weight[:, :94])
+    with pytest.raises(WeightError, match="multiple of 4 inputs"):
+        quantize_per_output(weight[:, :94])
 
 
 def test_int8_build_is_refused_where_it_does_not_apply(tiny_model_dir, tmp_path):

@@ -272,20 +272,20 @@ def test_panel_matmuls_equal_the_row_major_products(panel_matmul, m):
     shares and a last panel the outputs do not fill."""
     from max.driver import Buffer
 
-    from runtime.engine import _int8_part, _quantize, _transform
+    from graph_builders.weights import int8_part, quantize, transform
 
     rng = np.random.default_rng(m)
     arrays, weights = [], []
     for k, n in PANEL_SHAPES:
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)  # (out, in), as a checkpoint stores it
-        arrays += [x, _transform(w, "panels", np.float16), np.ascontiguousarray(w.T)]
+        arrays += [x, transform(w, "panels", np.float16), np.ascontiguousarray(w.T)]
         weights.append((x, w))
     for k, n in INT8_PANEL_SHAPES:
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
-        values, scale = _quantize(w)
-        panels = _int8_part({"source": "w", "transform": "panels", "dtype": "int8"}, w, {})
+        values, scale = quantize(w)
+        panels = int8_part({"source": "w", "transform": "panels", "dtype": "int8"}, w, {})
         arrays += [x, panels, values, scale]
     outputs = [o.to_numpy() for o in panel_matmul.execute(*(Buffer.from_numpy(a) for a in arrays))]
     n_fp16 = 2 * len(PANEL_SHAPES)
@@ -320,9 +320,9 @@ def _dynamic_int8(kernel_graphs, x, weight):
     as the runtime packs it; returns q, its scales, both products and the weight's int8 values and scales."""
     from max.driver import Buffer
 
-    from runtime.engine import _quantize_per_output
+    from graph_builders.weights import quantize_per_output
 
-    packed, w_scale = _quantize_per_output(weight)
+    packed, w_scale = quantize_per_output(weight)
     bias = np.linspace(-1, 1, weight.shape[0], dtype=np.float32)
     q, q_scale, vnni, portable = (o.to_numpy() for o in kernel_graphs[6].execute(
         *(Buffer.from_numpy(a) for a in (x, packed, w_scale, bias))))
@@ -375,12 +375,12 @@ def test_int8_logits_recompute_the_ones_near_each_rows_best_from_the_fp16_rows(k
     from max.driver import Buffer
 
     from graph_builders.graphs import RESCORE_MARGIN
-    from runtime.engine import _quantize_per_output
+    from graph_builders.weights import quantize_per_output
 
     rng = np.random.default_rng(m * k)
     hidden = rng.standard_normal((m, k)).astype(np.float32)
     embedding = (rng.standard_normal((LOGITS_VOCAB, k)) * 3 / np.sqrt(k)).astype(np.float16)
-    packed, w_scale = _quantize_per_output(embedding)
+    packed, w_scale = quantize_per_output(embedding)
     q, q_scale, vnni, portable = (o.to_numpy() for o in kernel_graphs[7].execute(
         *(Buffer.from_numpy(a) for a in (hidden, packed, w_scale, embedding))))
     np.testing.assert_array_equal(vnni, portable)

@@ -107,11 +107,12 @@ def test_unreadable_audio(tiny_model_dir, tmp_path, kind):
 
 
 def test_truncated_weights(isolated_copy, tiny_model_dir, short_speech, tmp_path):
+    # the runtime reads the target's weights, made by make compile from the checkpoint's
     model = isolated_copy(tiny_model_dir)
-    weights = model / "weights.safetensors"
+    weights = model / "cpu" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
-    assert_one_line_error(result, "truncated", "make convert")
+    assert_one_line_error(result, "truncated", "make compile")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -119,24 +120,39 @@ def test_truncated_weights(isolated_copy, tiny_model_dir, short_speech, tmp_path
                                                   ((63, 5), "float32", "float32"), ((1, 7), "float16", "float16")])
 def test_blocked_transpose_is_numpys(shape, source, target):
     """The load's weight transposes, copied a block of rows at a time: numpy's values, bit for bit."""
-    from runtime.engine import _transform
+    from graph_builders.weights import transform
 
     array = (np.random.default_rng(shape[0]).standard_normal(shape) * 3).astype(source)
-    ours = _transform(array, "transpose", target)
+    ours = transform(array, "transpose", target)
     expected = np.ascontiguousarray(array.T, dtype=target)
     assert ours.flags.c_contiguous and ours.dtype == expected.dtype and ours.shape == expected.shape
     assert ours.tobytes() == expected.tobytes()
 
 
-def test_weights_checksum_mismatch(isolated_copy, tiny_model_dir, short_speech, tmp_path):
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_weights_checksum_mismatch(isolated_copy, tiny_model_dir, short_speech, tmp_path, where):
     model = isolated_copy(tiny_model_dir)
-    weights = model / "weights.safetensors"
+    weights = model / "cpu" / "weights.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-1000] ^= 0xFF  # same size, one flipped byte inside a tensor
+    # same size: one flipped byte inside a tensor, or a tensor's shape in the header made unreadable
+    data[-1000 if where == "data" else 20] ^= 0xFF
     weights.write_bytes(bytes(data))
     result = transcribe_cli(model, short_speech, tmp_path / "out", check=False)
-    assert_one_line_error(result, "sha256", "make convert")
+    assert_one_line_error(result, "weights.safetensors", "make compile")
     assert_nothing_written(tmp_path / "out")
+
+
+def test_checkpoint_weights_checked_when_the_target_weights_are_made(isolated_copy, tiny_model_dir):
+    model = isolated_copy(tiny_model_dir)
+    (model / "cpu" / "weights.safetensors").unlink()
+    weights = model / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1000] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = run_tool("graph-builders", "compile", str(model), "--device", "cpu", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "does not match the sha256 model.json records" in result.stderr and "make convert" in result.stderr
+    assert not (model / "cpu" / "weights.safetensors").exists()
 
 
 @pytest.mark.parametrize("field,value,needle", [
