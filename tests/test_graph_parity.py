@@ -181,12 +181,12 @@ def test_one_copy_of_each_checkpoint_tensor_per_layout(tiny_model_dir):
 
 def test_target_weights_are_the_specs_made_from_the_checkpoint(tiny_model_dir):
     # make compile writes every graph weight, made from its checkpoint tensor, into the target's own
-    # file; the runtime maps it as it is, each tensor starting on a cache line
+    # file; the runtime reads it as it is, each tensor starting on a cache line
     from safetensors.numpy import load_file
 
     from contracts import WEIGHTS_ALIGNMENT, sha256_file
     from graph_builders.weights import make_weights
-    from runtime.engine import _map_weights
+    from runtime.engine import _read_weights
 
     target = tiny_model_dir / "cpu"
     manifest = json.loads((target / "manifest.json").read_text())
@@ -194,10 +194,10 @@ def test_target_weights_are_the_specs_made_from_the_checkpoint(tiny_model_dir):
     path = target / entry["file"]
     assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["bytes"]
     specs = list({spec["name"]: spec for graph in manifest["graphs"].values() for spec in graph["weights"]}.values())
-    mapped = _map_weights(path, "make compile")
-    assert sorted(mapped) == sorted(spec["name"] for spec in specs)
+    read = _read_weights(path, "make compile")
+    assert sorted(read) == sorted(spec["name"] for spec in specs)
     expected = make_weights(specs, load_file(str(tiny_model_dir / "weights.safetensors")))
-    for name, array in mapped.items():
+    for name, array in read.items():
         assert array.dtype == expected[name].dtype and array.shape == expected[name].shape, name
         assert array.tobytes() == expected[name].tobytes(), name
         assert array.ctypes.data % WEIGHTS_ALIGNMENT == 0, name
