@@ -389,6 +389,38 @@ def test_timestamp_rules_equal_the_reference(max_initial, n_sampled):
         assert_same_bits(mine, expected)
 
 
+@pytest.mark.parametrize("n_sampled", range(0, 7))
+def test_beam_search_takes_the_timestamp_rules_normalizers_bit_for_bit(n_sampled):
+    """The timestamp rule hands its float64 log-softmax terms to beam search's step on the same logits
+    (rows whose text it then masked computed again): the best tokens and their log-probabilities are
+    those computed afresh, bit for bit."""
+    rng = np.random.default_rng(100 + n_sampled)
+    k = 6
+    normalizers = rd._StepNormalizers()
+    handing = rd.ApplyTimestampRules(TOKENIZER, SAMPLE_BEGIN, None, normalizers)
+    plain = rd.ApplyTimestampRules(TOKENIZER, SAMPLE_BEGIN, None)
+    work = rd._WorkArray()
+    changed = kept = 0
+    for n_rows in (1, 6, 12):
+        tokens = histories(rng, max(n_rows, 4), n_sampled)[:n_rows]
+        logits = timestamp_logits(rng, 4)[:1] if n_rows == 1 else np.concatenate(
+            [timestamp_logits(rng, 4), rng.normal(0.0, 2.0, (n_rows - 4, N_VOCAB)).astype(np.float32)])
+        logits[-1, TOKENIZER.timestamp_begin:] += 12.0  # timestamps far more probable: its text is masked
+        mine, expected = logits.copy(), logits.copy()
+        handing.apply(mine, tokens)
+        plain.apply(expected, tokens)
+        assert_same_bits(mine, expected)
+        changed += int(normalizers._changed.sum())
+        kept += int((~normalizers._changed).sum())
+        ids, logprobs = rd._best_tokens(mine, k, work(mine.shape), normalizers)
+        expected_ids, expected_logprobs = rd._best_tokens(expected, k, work(expected.shape))
+        assert ids == expected_ids
+        for ours, reference in zip(logprobs, expected_logprobs):
+            assert_same_bits(ours, reference)
+        assert normalizers._logits is None  # used once
+    assert changed > 0 and kept > 0  # both kinds of rows were taken
+
+
 def test_timestamp_rules_cases_by_name():
     """At sample_begin, after a lone timestamp, after a pair, after text: each rule's mask."""
     begin, eot = TOKENIZER.timestamp_begin, TOKENIZER.eot
