@@ -18,7 +18,7 @@ MODEL_FORMAT = "whisper-max/model@1"
 # @2: decoder_step takes the audio row of each token row (kv_rows) and the cross-attention keys and
 # values once per audio; artifacts of @1 feed it other inputs, so they are refused and rebuilt
 # @4: the graphs' weights are made by `make compile` into the target's own weights file (the manifest's
-# "weights"), which the runtime maps as it is; @3 left making them to the runtime
+# "weights"), which the runtime reads as it is; @3 left making them to the runtime
 MANIFEST_FORMAT = "whisper-max/artifacts@4"
 MODEL_JSON = "model.json"
 MANIFEST_JSON = "manifest.json"

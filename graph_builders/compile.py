@@ -4,7 +4,7 @@ manifest.json.
 Graphs are built from model.json alone, compiled with InferenceSession.compile, and written with
 export_mef. GPU targets are cross-compiled on a CPU-only host through MAX's virtual devices. Each
 graph weight is then made from its checkpoint tensor (transposed, packed, quantized: weights.py) into
-the target's own weights file, which the runtime maps as it is. The manifest records where every
+the target's own weights file, which the runtime reads as it is. The manifest records where every
 artifact came from (MAX version, device, arch, graph signatures, the checkpoint weights' sha256, the
 target weights' sha256) and how each graph weight was made.
 """

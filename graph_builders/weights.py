@@ -1,11 +1,11 @@
 """The target's weights: every graph weight made from its checkpoint tensor, as the graphs' WeightSpecs say.
 
 `make compile` writes them beside the graphs (artifacts/<name>/<target>/weights.safetensors), so the
-runtime maps the file and binds its arrays as they are: transposing, packing into panels and
+runtime reads the file and binds its arrays as they are: transposing, packing into panels and
 quantizing base's weights took 0.34 s (exact) and 0.40 s (int8) of every process's start. The file
 is a plain safetensors file whose data begins on a 64-byte boundary (WEIGHTS_ALIGNMENT: every tensor
 of a Whisper model is a multiple of 64 bytes, so each starts on a cache line as an allocated array
-would), named by the specs' names. numpy only, as the runtime's tests use the same functions.
+would), named by the specs' names. numpy and safetensors only.
 """
 
 from __future__ import annotations
