@@ -37,7 +37,7 @@ INT8_GROUP = 64
 # manifest's "panels" transform, made by make compile; weight_matmul.mojo's PANEL reads them).
 PANEL_WIDTH = 64
 # A target's weights file (graph_builders/weights.py): its data begins on a boundary of this many bytes,
-# so the runtime's arrays mapped from it start on cache lines.
+# so the runtime's arrays read from it start on cache lines.
 TARGET_WEIGHTS = "weights.safetensors"
 WEIGHTS_ALIGNMENT = 64
 

@@ -193,13 +193,13 @@ def _target_weights(model: dict, weights_path: Path, target: Path, graphs: dict,
     started = time.perf_counter()
     try:
         tensors = load_file(str(weights_path))
-        write_weights(path, make_weights(specs, tensors))
+        sha256 = write_weights(path, make_weights(specs, tensors))  # of the bytes written: not read back
     except (SafetensorError, OSError) as exc:
         raise CompileError(f"cannot make {path} from {weights_path} ({exc})") from None
     except WeightError as exc:
         raise CompileError(f"cannot make {path}: {exc}; run `make convert` again") from None
     log(f"{TARGET_WEIGHTS}: {len(specs)} weights made in {time.perf_counter() - started:.1f} s -> {path}")
-    return {"file": TARGET_WEIGHTS, "sha256": sha256_file(path), "bytes": path.stat().st_size, "signature": signature}
+    return {"file": TARGET_WEIGHTS, "sha256": sha256, "bytes": path.stat().st_size, "signature": signature}
 
 
 def kernels_sha256() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts import INT8_GROUP, PANEL_WIDTH, WEIGHTS_ALIGNMENT, atomic_write
+from contracts import INT8_GROUP, PANEL_WIDTH, WEIGHTS_ALIGNMENT, atomic_write, sha256_bytes
 
 
 class WeightError(ValueError):
@@ -102,10 +102,10 @@ def int8_part(spec: dict, source: np.ndarray, quantized: dict) -> np.ndarray:
     kind = _INT8_PARTS.get(spec["transform"])
     if kind is None or (spec["transform"] in _INT8_VALUES) != (spec["dtype"] == "int8"):
         raise WeightError(f"no int8 weight is made by {spec['transform']!r} as {spec['dtype']}")
-    quantize, part = kind
-    key = (spec["source"], quantize)
+    quantizer, part = kind
+    key = (spec["source"], quantizer)
     if key not in quantized:
-        quantized[key] = quantize(source)
+        quantized[key] = quantizer(source)
     if spec["transform"] == "panels":  # the (in, out) int8 values, in panels of their outputs
         return panels(quantized[key][part].T, np.int8)
     return quantized[key][part]
@@ -134,8 +134,8 @@ def panels(array: np.ndarray, dtype, panel: int = PANEL_WIDTH, panels_at_once: i
         block = array[first * panel:(first + panels_at_once) * panel]
         whole = len(block) // panel
         if whole:
-            panels = block[:whole * panel].reshape(whole, panel, n_in)
-            packed[first:first + whole] = panels.transpose(0, 2, 1).reshape(whole, -1)
+            outputs = block[:whole * panel].reshape(whole, panel, n_in)
+            packed[first:first + whole] = outputs.transpose(0, 2, 1).reshape(whole, -1)
         if len(block) % panel:  # the last, partial panel
             packed[first + whole].reshape(n_in, panel)[:, :len(block) % panel] = block[whole * panel:].T
     return packed
@@ -168,9 +168,10 @@ def weights_signature(source_sha256: str, specs: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def write_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
+def write_weights(path: Path, weights: dict[str, np.ndarray]) -> str:
     """`weights` as a safetensors file (written whole, then renamed into place) whose data begins on a
-    WEIGHTS_ALIGNMENT boundary: the header's length is evened out with a metadata field of padding."""
+    WEIGHTS_ALIGNMENT boundary: the header's length is evened out with a metadata field of padding.
+    Returns the sha256 of the bytes written."""
     from safetensors.numpy import save
 
     arrays = {name: np.ascontiguousarray(array) for name, array in weights.items()}
@@ -185,3 +186,4 @@ def write_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
     if header % WEIGHTS_ALIGNMENT:
         raise WeightError(f"the weights' data would begin at byte {header}, not on a {WEIGHTS_ALIGNMENT}-byte boundary")
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return sha256_bytes(data)
