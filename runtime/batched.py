@@ -31,7 +31,7 @@ import numpy as np
 from runtime.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, load_mel_filters, \
     log_mel_spectrogram, pad_or_trim
 from runtime.continuous import decode_windows, joins
-from runtime.decoding import DecodingError, DecodingResult, decode, detect_language, rows_per_audio
+from runtime.decoding import DecodingError, DecodingResult, decode, detect_language
 from runtime.inference import Inference
 from runtime.longform import check_decode_options, is_silent, needs_fallback, split_window
 from runtime.options import options_at_temperature
@@ -113,8 +113,8 @@ def transcribe_batch(
 ) -> List[dict]:
     """Transcribe several inputs at once; returns one whisper.transcribe-style dict per input.
 
-    audios: file paths (anything ffmpeg reads) or float32 16 kHz mono samples. batch_size: decoder
-    rows per batch, a chunk's beams or best-of samples counted as rows (at least one chunk a batch).
+    audios: file paths (anything ffmpeg reads) or float32 16 kHz mono samples. batch_size: chunks per
+    batch, as faster-whisper's (each chunk's beams or best-of samples are decoder rows of the batch).
     decode_options: fields of DecodingOptions (language, task, without_timestamps, beam_size ...). The language, when not given, is detected per input on its first 30 s (of its
     speech, with vad_filter). vad_filter: batch the speech chunks Silero VAD finds instead of the 30 s
     grid; vad_parameters: runtime.vad.VadOptions' fields (faster-whisper's names).
@@ -188,13 +188,11 @@ def transcribe_batch(
             # greedy: rows of a running batch, a finished chunk's row taken by the next at once
             return decode_windows(model, [c.mel for c in group], options, tokenizer_path=tokenizer_path,
                                   max_rows=batch_size)
-        # beam search's beams and best-of's samples are decoder rows too: batch_size rows a batch
-        # (at least one window), not batch_size windows of best_of rows each (whose caches and
-        # logits, 8 x 5 rows, were the peak of a batch of base's windows)
-        windows = max(1, batch_size // rows_per_audio(options))
+        # batch_size chunks a batch, as faster-whisper's batch_size, each with its beams (or best-of
+        # samples): 8 chunks x 5 beams are 40 decoder rows, whose step reads the weights once
         decoded = []
-        for start in range(0, len(group), windows):
-            decoded += decode(model, np.stack([c.mel for c in group[start:start + windows]]), options,
+        for start in range(0, len(group), batch_size):
+            decoded += decode(model, np.stack([c.mel for c in group[start:start + batch_size]]), options,
                               tokenizer_path=tokenizer_path, rng=rng)
         return decoded
 

@@ -64,8 +64,8 @@ def main() -> None:
                    "(--without-timestamps, no conditioning, no prompt); same result, 1 disables")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="many-files mode: decode fixed 30 s chunks (with --vad-filter: speech chunks) of all AUDIO "
-                   "files together, this many decoder rows per batch (a chunk's beams count as rows; no seeking "
-                   "by timestamps, no conditioning on previous text; see README)")
+                   "files together, this many chunks per batch, each with its beams (no seeking by timestamps, "
+                   "no conditioning on previous text; see README)")
 @click.option("--word-timestamps", type=bool, is_flag=False, flag_value=True, default=False, show_default=True,
               help="time each word from the cross-attention, and end segments at words (alone or True/False)")
 @click.option("--prepend-punctuations", default=PREPEND_PUNCTUATIONS, show_default=True,

@@ -22,6 +22,7 @@ from contracts import (COMPUTE_TYPES, FIX_CONVERT, WEIGHTS_ALIGNMENT, ContractEr
                        read_model_json, sha256_file, target_folder)
 
 from .audio import AudioError, load_mel_filters
+from .host_threads import in_halves
 from .inference import ModelDimensions
 
 GRAPHS = ("encoder", "decoder_prefill", "decoder_step", "decoder_alignment")
@@ -106,6 +107,50 @@ def limit_threads(threads: int | None) -> None:
     allowed = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, allowed[: max(1, threads)])
     _pinned_threads = threads
+
+
+# MAX's CPU worker threads, by the name AsyncRT gives its pool ("🔥 Thread0", "🔥 Thread1", ...)
+_WORKER_THREAD_PREFIX = "🔥 Thread"
+WORKER_NICE_VARIABLE = "WHISPER_MAX_WORKER_NICE"
+DEFAULT_WORKER_NICE = 10
+
+
+def lower_worker_priority() -> None:
+    """Runs MAX's CPU worker threads at a nice value WHISPER_MAX_WORKER_NICE (default 10) above this
+    thread's, so that the host's work between two graph calls is not slowed by their spinning.
+
+    After every graph call MAX's workers keep polling for work for several milliseconds (its busy-wait,
+    MODULAR_THREAD_BUSY_WAIT_US, cannot be changed through the Python API: the session then asks for
+    other options than the CPU device was made with, and the process aborts). On 2 cores the host's
+    decoding work after a step (beam search's log-softmax over the vocabulary, moving the beams'
+    caches) then shares its core with them and took two to three times as long (base, beam 5: 4.4 s
+    of host time in a 154 s file, 2.4-2.9 s with the workers at +10). While a graph runs the host
+    thread waits, so the workers have the cores to themselves and the graphs run as fast as before
+    (measured). What it costs: beside other busy processes at the default priority, the workers get
+    a smaller share of a contended core than they would at this process's own priority; 0 leaves
+    them there. The increase is process-wide and kept (an unprivileged process cannot lower it again).
+    """
+    import os
+
+    raw = os.environ.get(WORKER_NICE_VARIABLE, "").strip()
+    try:
+        increment = int(raw) if raw else DEFAULT_WORKER_NICE
+    except ValueError:
+        increment = -1
+    if not 0 <= increment <= 19:
+        raise ArtifactError(f"{WORKER_NICE_VARIABLE} must be a whole number from 0 to 19, got {raw!r}")
+    if not increment or not os.path.isdir("/proc/self/task"):  # Linux only: threads have their own nice there
+        return
+    target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment)  # 0: this thread's nice, on Linux
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+                if not f.read().startswith(_WORKER_THREAD_PREFIX):
+                    continue
+            if os.getpriority(os.PRIO_PROCESS, int(tid)) < target:
+                os.setpriority(os.PRIO_PROCESS, int(tid), target)
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
 
 
 class MaxAudioFeatures:
@@ -206,6 +251,8 @@ class WhisperModel:
         global _cpu_device_made
         _cpu_device_made = True
         self.session = InferenceSession(devices=[self._device])
+        if self.target.device == "cpu":
+            lower_worker_priority()  # MAX's worker threads exist once the session does
         tensors = _read_weights(weights_path, fix_compile)
         self._weights = tensors  # the graphs' buffers are views of these arrays: they live as long as the model
 
@@ -418,10 +465,14 @@ class MaxDecoderSession:
         moved = np.flatnonzero(index != np.arange(len(index)))  # rows that continue another row
         if moved.size == 0:
             return
-        cache, n = self._cache_arrays(), self.length
-        for k_t, v in zip(cache[0::2], cache[1::2]):
-            k_t[moved, ..., :n] = k_t[index[moved], ..., :n]
-            v[moved, :, :n] = v[index[moved], :, :n]
+        cache, n, sources = self._cache_arrays(), self.length, index[moved]
+
+        def layers(start: int, stop: int) -> None:
+            for k_t, v in zip(cache[2 * start:2 * stop:2], cache[2 * start + 1:2 * stop:2]):
+                k_t[moved, ..., :n] = k_t[sources, ..., :n]
+                v[moved, :, :n] = v[sources, :, :n]
+
+        in_halves(len(cache) // 2, layers)  # memory-bound copies: the other core moves half the layers
         if self._host_cache is None:  # the device's copy is separate: send the moved rows back
             self._install(cache, self.capacity)
         self.kv_rows = self.kv_rows[index]

@@ -29,6 +29,31 @@ def test_without_timestamps_equals_transcribe_per_file(tiny_runtime, speech_72s,
         assert ours["text"] == sequential["text"] and ours["language"] == sequential["language"]
 
 
+def test_batch_size_counts_chunks_with_their_beams(tiny_runtime, speech_72s, short_speech, monkeypatch):
+    """batch_size counts chunks, as faster-whisper's: with beam search each batch holds batch_size chunks
+    (beam_size decoder rows each), and every chunk decodes as it does alone (batch_size 1): the
+    step's rows do not depend on each other."""
+    import runtime
+    import runtime.batched as batched
+
+    files = [speech_72s, short_speech]  # 3 chunks and 1
+    batches = []
+    decode = batched.decode
+
+    def counted_decode(model, mel, options, **kwargs):
+        batches.append((mel.shape[0], options.beam_size))
+        return decode(model, mel, options, **kwargs)
+
+    monkeypatch.setattr(batched, "decode", counted_decode)
+    options = dict(OPTIONS, beam_size=5, without_timestamps=True, sample_len=48)
+    together = runtime.transcribe_batch(tiny_runtime, files, batch_size=3, **options)
+    assert batches == [(3, 5), (1, 5)]
+    batches.clear()
+    alone = runtime.transcribe_batch(tiny_runtime, files, batch_size=1, **options)
+    assert batches == [(1, 5)] * 4
+    assert together == alone and any(s["tokens"] for r in together for s in r["segments"])
+
+
 def test_language_is_detected_from_the_first_chunks_encoding(tiny_runtime, speech_72s, short_speech, monkeypatch):
     """Without a language, an input's first chunk detects it as it decodes, from its one encoding (a
     shorter input's detection window is not its chunk: detected apart): the language

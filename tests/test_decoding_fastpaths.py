@@ -202,6 +202,48 @@ def test_log_softmax_and_logsumexp_rows_equal_the_references():
         assert bits(np.float64(rd.logsumexp(row))) == bits(value)
 
 
+@pytest.mark.parametrize("block_bytes", [None, 3 * 8 * 700], ids=["default-blocks", "3-row-blocks"])
+def test_log_softmax_terms_by_blocks_and_threads_equal_each_row_alone(block_bytes, monkeypatch):
+    """The terms are computed a few rows at a time and half of the rows on the helper thread: every row
+    gets the bits it gets computed alone (nan and -inf rows included), whatever the row count."""
+    if block_bytes is not None:
+        monkeypatch.setattr(rd, "_CACHED_WORK_BYTES", block_bytes)
+    rng = np.random.default_rng(3)
+    rows = adversarial_rows(rng, 700, 6)
+    for n_rows in (1, 2, 4, 5, 9, 40):
+        logits = np.ascontiguousarray(rows[rng.integers(0, len(rows), n_rows)])
+        work = rd._WorkArray()(logits.shape)
+        work[:] = 7.0  # what a previous step left there
+        peak, log_total = rd._log_softmax_terms(logits, work)
+        assert peak.shape == log_total.shape == (n_rows, 1)
+        for r, row in enumerate(logits):
+            alone = rd._log_softmax_terms_of(row[None], np.empty((1, row.size)))
+            assert bits(peak[r, 0]) == bits(alone[0][0, 0]) and bits(log_total[r, 0]) == bits(alone[1][0, 0]), (n_rows, r)
+        assert_same_bits(rd.log_softmax(logits), reference_log_softmax(logits))
+
+
+def test_in_halves_covers_every_item_once_and_raises_the_helpers_error():
+    import threading
+
+    from runtime import host_threads
+
+    calls = []
+    host_threads.in_halves(9, lambda start, stop: calls.append((start, stop, threading.get_ident())))
+    assert sorted(c[:2] for c in calls) == [(0, 5), (5, 9)]
+    if host_threads._other_thread() is not None:  # two usable CPUs: the second half ran on the helper
+        assert {c[2] for c in calls if c[0] == 0} == {threading.get_ident()} != {c[2] for c in calls if c[0] == 5}
+    calls.clear()
+    host_threads.in_halves(3, lambda start, stop: calls.append((start, stop)))  # too few to split
+    assert calls == [(0, 3)]
+
+    def fails_on_the_second_half(start, stop):
+        if start:
+            raise ValueError("second half")
+
+    with pytest.raises(ValueError, match="second half"):
+        host_threads.in_halves(8, fails_on_the_second_half)
+
+
 @pytest.mark.parametrize("beam_size", range(1, 9))
 def test_best_tokens_equal_the_top_k_of_the_full_log_softmax(beam_size):
     k = beam_size + 1

@@ -231,3 +231,27 @@ def test_clip_that_ends_before_it_starts_is_refused(tiny_model_dir, short_speech
     assert_one_line_error(result, "--clip-timestamps", "clip 1")
     assert result.returncode == 1
     assert_nothing_written(tmp_path / "out")
+
+
+def test_max_worker_threads_run_below_the_host_thread(tiny_runtime, monkeypatch):
+    """A CPU model's load raises the nice value of MAX's worker threads by WHISPER_MAX_WORKER_NICE (default 10)
+    over the host thread's, so their spinning after a graph call does not slow the host's work; a bad value
+    is a one-line error naming the variable."""
+    import os
+
+    from runtime.engine import DEFAULT_WORKER_NICE, ArtifactError, lower_worker_priority
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("threads have their own priority on Linux only")
+    workers = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+            if f.read().startswith("🔥 Thread"):
+                workers.append(int(tid))
+    assert workers, "MAX's worker threads were not found by their name"
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + DEFAULT_WORKER_NICE)
+    assert all(os.getpriority(os.PRIO_PROCESS, tid) >= expected for tid in workers)
+    for bad in ("ten", "-1", "20", "2.5"):
+        monkeypatch.setenv("WHISPER_MAX_WORKER_NICE", bad)
+        with pytest.raises(ArtifactError, match=r"^WHISPER_MAX_WORKER_NICE must be a whole number from 0 to 19"):
+            lower_worker_priority()

@@ -17,7 +17,8 @@
 # CPU threads; each column tile (64 columns for <= 3 rows of x, 32 otherwise)
 # keeps MB x NVT fp32 zmm accumulators live while walking K (sequential
 # k-order FMA, bit-identical to MAX's own fp32 matmul on fp32(W)), so every
-# weight element is loaded once per MB_MAX=8 rows of x.  Software prefetch of
+# weight element is loaded into registers once per MB_MAX=8 rows of x, and
+# from memory once (more rows go over a chunk of tiles at a time, in cache).  Software prefetch of
 # the tile PF_DIST ahead matters a lot (M=6: ~7 ms -> ~1.6 ms standalone).
 # W layout: [K, N] row-major (same orientation as the fp32 weight today).
 from std.math import ceildiv
@@ -36,6 +37,7 @@ comptime PF_DIST = 2  # prefetch W of the tile PF_DIST tiles ahead
 comptime GROUP = 64  # rows of an int8 weight column that share one scale
 comptime PANEL = 64  # columns of a packed weight's panel (fp16_panel_matmul)
 comptime PF_ROWS = 16  # panels: prefetch this many rows (2 KB of fp16) ahead in the tile's stream
+comptime CHUNK_BYTES = 256 * 1024  # weights a chunk of tiles holds, for more than MB_MAX rows (L2)
 
 
 @always_inline
@@ -173,30 +175,40 @@ def _cpu_matmul[
     comptime if PACKED:
         tiles_per = ceildiv(tiles_per, PANEL // TILE) * (PANEL // TILE)
 
+    # More rows than one pass takes: the rows' passes go over one chunk of tiles at a time, whose
+    # weights (about CHUNK_BYTES) are read from memory by the first pass and from cache by the others,
+    # where passes over all of a thread's tiles read its weights from memory once per MB_MAX rows
+    # (base's logits at 40 rows: 5 x 53 MB a step). Each output's k-order sum is the same either way.
+    var tile_bytes = K * TILE * size_of[WT]()
+    var chunk = max(2, CHUNK_BYTES // tile_bytes) if M > MB_MAX else ntiles
+
     def work(tid: Int) raises {var}:
         var t0 = tid * tiles_per
         var t1 = min(t0 + tiles_per, nfull)
-        var m0 = 0
-        while m0 < M:
-            var mb = min(M - m0, MB_MAX)
-            if t0 < t1:
+        var c0 = t0
+        while c0 < t1:
+            var c1 = min(c0 + chunk, t1)
+            var m0 = 0
+            while m0 < M:
+                var mb = min(M - m0, MB_MAX)
                 if mb == 8:
-                    _tiles_mb[8, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[8, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
                 elif mb == 7:
-                    _tiles_mb[7, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[7, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
                 elif mb == 6:
-                    _tiles_mb[6, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[6, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
                 elif mb == 5:
-                    _tiles_mb[5, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[5, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
                 elif mb == 4:
-                    _tiles_mb[4, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[4, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
                 elif mb == 3:
-                    _tiles_mb[3, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[3, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
                 elif mb == 2:
-                    _tiles_mb[2, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
+                    _tiles_mb[2, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
                 else:
-                    _tiles_mb[1, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, t0, t1)
-            m0 += mb
+                    _tiles_mb[1, WT, SCALED, PACKED](xp, wp, sp, op, m0, K, N, c0, c1)
+                m0 += mb
+            c0 = c1
         # Ragged tail (N % TILE columns; none in panels): scalar, done by the last thread.
         if not PACKED and tid == nthreads - 1:
             for n in range(nfull * TILE, N):
