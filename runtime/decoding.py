@@ -545,14 +545,20 @@ class BeamSearchDecoder(TokenDecoder):
     beam_size + 1 best tokens; finished sequences are collected until round(beam_size * patience)."""
 
     def __init__(self, beam_size: int, eot: int, session_reorder, patience: Optional[float] = None,
-                 normalizers: Optional[_StepNormalizers] = None):
+                 normalizers: Optional[_StepNormalizers] = None, drops_rows: bool = False):
         self.beam_size = beam_size
         self.normalizers = normalizers
         self.eot = eot
         self.reorder = session_reorder
         self.patience = patience or 1.0
         self.max_candidates = round(beam_size * self.patience)
+        # An audio whose candidates are complete changes no more (openai-whisper keeps stepping its
+        # beams until every audio of the batch is done, and never reads them): its rows leave the
+        # batch, where the session can drop rows (session_reorder given fewer rows than it has). Not
+        # with patience < 1, where finalize reads a done audio's last beams.
+        self.drops_rows = drops_rows and self.max_candidates >= beam_size
         self.finished_sequences: Optional[List[Dict[tuple, float]]] = None
+        self.active: List[int] = []  # the audio (index in the batch) of each beam_size rows, in order
         self._work = _WorkArray()
         if self.max_candidates <= 0:
             raise DecodingError(f"Invalid beam size ({beam_size}) or patience ({patience})")
@@ -561,11 +567,14 @@ class BeamSearchDecoder(TokenDecoder):
         self.finished_sequences = None
 
     def update(self, tokens, logits, sum_logprobs):
+        """As TokenDecoder.update; where audios finish and their rows leave the batch, the returned tokens
+        have fewer rows, and sum_logprobs' first rows are theirs (the caller keeps those)."""
         if tokens.shape[0] % self.beam_size != 0:
             raise DecodingError(f"batch {tokens.shape[0]} is not a multiple of beam_size {self.beam_size}")
         n_audio = tokens.shape[0] // self.beam_size
         if self.finished_sequences is None:
             self.finished_sequences = [{} for _ in range(n_audio)]
+            self.active = list(range(n_audio))
 
         best_ids, best_logprobs = _best_tokens(logits, self.beam_size + 1, self._work(logits.shape), self.normalizers)
         source_indices, next_ids, finished_sequences = [], [], []
@@ -588,18 +597,26 @@ class BeamSearchDecoder(TokenDecoder):
                         break
             finished_sequences.append(finished)
 
-        sum_logprobs[:] = new_sum
-        tokens = _extend_rows(tokens, source_indices, next_ids)
-        if source_indices != list(range(len(source_indices))):
-            self.reorder(source_indices)
-
-        for previously, newly in zip(self.finished_sequences, finished_sequences):
+        for audio, newly in zip(self.active, finished_sequences):
+            previously = self.finished_sequences[audio]
             for sequence in sorted(newly, key=newly.get, reverse=True):
                 if len(previously) >= self.max_candidates:
                     break
                 previously[sequence] = newly[sequence]
-
         completed = all(len(s) >= self.max_candidates for s in self.finished_sequences)
+
+        done = [len(self.finished_sequences[audio]) >= self.max_candidates for audio in self.active]
+        if self.drops_rows and any(done) and not completed:
+            kept = [j for j in range(len(source_indices)) if not done[j // self.beam_size]]
+            source_indices = [source_indices[j] for j in kept]
+            next_ids = [next_ids[j] for j in kept]
+            new_sum = new_sum[kept]
+            self.active = [audio for audio, finished in zip(self.active, done) if not finished]
+        n_rows = tokens.shape[0]
+        sum_logprobs[:len(new_sum)] = new_sum
+        tokens = _extend_rows(tokens, source_indices, next_ids)
+        if len(source_indices) < n_rows or source_indices != list(range(n_rows)):
+            self.reorder(source_indices)
         return tokens, completed
 
     @staticmethod
@@ -623,8 +640,11 @@ class BeamSearchDecoder(TokenDecoder):
         return candidates
 
     def finalize(self, preceding_tokens, sum_logprobs):
-        for i, sequences in enumerate(self.finished_sequences):
+        """preceding_tokens [audios in the batch, beam_size, length] and their sum_logprobs: the audios of
+        self.active (those whose rows left the batch have all their candidates)."""
+        for audio, sequences in enumerate(self.finished_sequences):
             if len(sequences) < self.beam_size:  # not enough finished: add the best unfinished
+                i = self.active.index(audio)
                 for j in list(np.argsort(sum_logprobs[i], kind="stable"))[::-1]:
                     sequence = tuple(int(t) for t in preceding_tokens[i, j]) + (self.eot,)
                     sequences[sequence] = float(sum_logprobs[i][j])
@@ -782,7 +802,8 @@ class DecodingTask:
     def _token_decoder(self, session: DecoderSession) -> TokenDecoder:
         if self.options.beam_size is not None:
             return BeamSearchDecoder(self.options.beam_size, self.tokenizer.eot, session.reorder,
-                                     self.options.patience, self.normalizers)
+                                     self.options.patience, self.normalizers,
+                                     drops_rows=getattr(session, "drops_rows", False))
         return GreedyDecoder(self.options.temperature, self.tokenizer.eot, self.rng)
 
     def _main_loop(self, session: DecoderSession, decoder: TokenDecoder, tokens: np.ndarray):
@@ -797,6 +818,7 @@ class DecodingTask:
             else:
                 logits = np.array(session.step(tokens[:, -1]), dtype=np.float32)
             tokens, stop = self.advance(decoder, tokens, logits, sum_logprobs)
+            sum_logprobs = sum_logprobs[:tokens.shape[0]]  # rows of done audios may have left (beam search)
             if stop:
                 break
         return tokens, sum_logprobs, no_speech_probs
@@ -841,11 +863,12 @@ class DecodingTask:
 
     def results(self, decoder: TokenDecoder, tokens: np.ndarray, sum_logprobs: np.ndarray,
                 no_speech_probs: List[float], languages: List[str], language_probs) -> List[DecodingResult]:
-        """The decoded rows [n_audio * n_group, length] -> one DecodingResult per audio."""
-        n_audio = tokens.shape[0] // self.n_group
+        """The decoded rows [n_audio * n_group, length] -> one DecodingResult per audio (beam search: the
+        rows of the audios still in the batch, see BeamSearchDecoder.finalize)."""
+        n_audio = len(languages)
         no_speech_probs = no_speech_probs[:: self.n_group]
-        tokens = tokens.reshape(n_audio, self.n_group, -1)
-        sum_logprobs = sum_logprobs.reshape(n_audio, self.n_group)
+        tokens = tokens.reshape(tokens.shape[0] // self.n_group, self.n_group, -1)
+        sum_logprobs = sum_logprobs.reshape(tokens.shape[0], self.n_group)
 
         # candidates per audio, cut between the first sampled token and the first EOT
         candidates, candidate_logprobs = decoder.finalize(tokens, sum_logprobs)

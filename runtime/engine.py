@@ -460,10 +460,16 @@ class MaxDecoderSession:
         self.length += 1
         return m._to_host(logits)
 
+    # reorder takes fewer rows than the session has: the others leave the batch (BeamSearchDecoder drops
+    # the rows of audios whose candidates are complete)
+    drops_rows = True
+
     def reorder(self, source_indices: Sequence[int]) -> None:
+        """Row i becomes the old row source_indices[i]; rows beyond len(source_indices) leave the batch."""
         index = np.asarray(source_indices, dtype=np.int64)
-        moved = np.flatnonzero(index != np.arange(len(index)))  # rows that continue another row
-        if moved.size == 0:
+        rows = len(index)
+        moved = np.flatnonzero(index != np.arange(rows))  # rows that continue another row
+        if moved.size == 0 and rows == len(self.kv_rows):
             return
         cache, n, sources = self._cache_arrays(), self.length, index[moved]
 
@@ -472,7 +478,13 @@ class MaxDecoderSession:
                 k_t[moved, ..., :n] = k_t[sources, ..., :n]
                 v[moved, :, :n] = v[sources, :, :n]
 
-        in_halves(len(cache) // 2, layers)  # memory-bound copies: the other core moves half the layers
+        if moved.size:
+            in_halves(len(cache) // 2, layers)  # memory-bound copies: the other core moves half the layers
+        if rows < len(self.kv_rows):  # the first rows are the batch now: the step reads views of them
+            cache = [array[:rows] for array in cache]
+            if self._host_cache is not None:
+                self.self_cache = [_rows(buffer, 0, rows) for buffer in self.self_cache]
+                self._host_cache = cache
         if self._host_cache is None:  # the device's copy is separate: send the moved rows back
             self._install(cache, self.capacity)
         self.kv_rows = self.kv_rows[index]
