@@ -182,15 +182,18 @@ def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
 
 class _WorkArray:
     """A vocabulary-sized work array kept from one decoding step to the next: a fresh temporary of
-    a few MB each step costs more in page faults than the arithmetic done in it."""
+    a few MB each step costs more in page faults than the arithmetic done in it. Fewer rows than
+    it holds (a batch whose finished audios left) get its first rows."""
 
     def __init__(self):
         self._array: Optional[np.ndarray] = None
 
     def __call__(self, shape: Tuple[int, ...], dtype=np.float64) -> np.ndarray:
-        if self._array is None or self._array.shape != shape or self._array.dtype != dtype:
-            self._array = np.empty(shape, dtype=dtype)
-        return self._array
+        array = self._array
+        if (array is None or array.dtype != dtype or array.shape[1:] != tuple(shape[1:])
+                or not 0 < shape[0] <= array.shape[0]):
+            self._array = array = np.empty(shape, dtype=dtype)
+        return array[:shape[0]]
 
 
 class _StepNormalizers:

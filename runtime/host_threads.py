@@ -16,12 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 _helper: Optional[ThreadPoolExecutor] = None
+_single_cpu = False  # this process may use one CPU: no helper (decided once, as the helper is)
 _lock = threading.Lock()
 
 
 def _forget_helper() -> None:
-    global _helper, _lock
-    _helper, _lock = None, threading.Lock()  # a forked child has no helper thread: it starts its own
+    global _helper, _single_cpu, _lock
+    _helper, _single_cpu, _lock = None, False, threading.Lock()  # a forked child starts its own helper
 
 
 if hasattr(os, "register_at_fork"):
@@ -30,14 +31,15 @@ if hasattr(os, "register_at_fork"):
 
 def _other_thread() -> Optional[ThreadPoolExecutor]:
     """The one helper thread, or None where this process may use a single CPU (--threads 1 pins it)."""
-    global _helper
-    if _helper is None:
+    global _helper, _single_cpu
+    if _helper is None and not _single_cpu:
         with _lock:
-            if _helper is None:
+            if _helper is None and not _single_cpu:
                 usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
                 if usable < 2:
-                    return None
-                _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-host")
+                    _single_cpu = True
+                else:
+                    _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-host")
     return _helper
 
 

@@ -222,6 +222,17 @@ def test_log_softmax_terms_by_blocks_and_threads_equal_each_row_alone(block_byte
         assert_same_bits(rd.log_softmax(logits), reference_log_softmax(logits))
 
 
+def test_work_array_gives_fewer_rows_its_own_first_rows():
+    """Rows that leave a batch (finished audios) keep the work array; more rows or another width get a new one."""
+    work = rd._WorkArray()
+    five = work((5, 700))
+    three = work((3, 700))
+    assert three.shape == (3, 700) and three.flags["C_CONTIGUOUS"] and np.shares_memory(three, five)
+    assert not np.shares_memory(work((6, 700)), five)
+    assert work((6, 701)).shape == (6, 701)
+    assert work((6, 701), np.float32).dtype == np.float32
+
+
 def test_in_halves_covers_every_item_once_and_raises_the_helpers_error():
     import threading
 
