@@ -399,6 +399,12 @@ class MaxDecoderSession:
     audios, only changes the map. When every row of an audio starts from the same tokens (beam
     search and best-of always do) the prefill runs once per audio and its self-attention cache is
     copied to the audio's rows.
+
+    A reorder copies a row's cache only from the first position where its tokens and its new
+    source's differ: a position's keys and values are a function of the audio and the tokens up to
+    it (each row is computed on its own, whatever rows share its step), so rows of one audio with the
+    same tokens up to a position hold the same cache up to it, bit for bit. Beams mostly differ in
+    their last few tokens.
     """
 
     # positions of room a cache gets past its prefill, and again each time it fills up
@@ -415,6 +421,7 @@ class MaxDecoderSession:
         self.capacity = 0  # positions the cache buffers have room for
         self.cross: list = []
         self.length = 0
+        self.tokens = np.zeros((0, 0), dtype=np.int64)  # [rows, n_text_ctx]: each row's tokens, its first `length`
 
     def prefill(self, tokens: np.ndarray, positions: Sequence[int]) -> np.ndarray:
         m = self.model
@@ -424,6 +431,8 @@ class MaxDecoderSession:
         n_audio, repeats = self.audio_features.batch_size, self.repeats
         self.kv_rows = np.repeat(np.arange(n_audio, dtype=np.int64), repeats)
         self._kv_rows_buffer = None
+        self.tokens = np.zeros((len(tokens), m.dims.n_text_ctx), dtype=np.int64)
+        self.tokens[:, :tokens.shape[1]] = tokens
         per_audio = tokens.reshape(n_audio, repeats, -1)
         shared = repeats == 1 or bool((per_audio == per_audio[:, :1]).all())
         features = self.audio_features.buffer
@@ -457,6 +466,7 @@ class MaxDecoderSession:
         logits, = m.graphs["decoder_step"].execute(
             m._to_device(tokens), m._to_device(np.full(len(tokens), self.length, dtype=np.int64)), self._kv_rows_buffer,
             *self.self_cache, *self.cross)
+        self.tokens[:, self.length] = tokens[:, 0]
         self.length += 1
         return m._to_host(logits)
 
@@ -472,14 +482,19 @@ class MaxDecoderSession:
         if moved.size == 0 and rows == len(self.kv_rows):
             return
         cache, n, sources = self._cache_arrays(), self.length, index[moved]
+        # the positions from the first where a moved row's tokens and its source's differ (the class's docstring)
+        differ = self.tokens[moved, :n] != self.tokens[sources, :n]
+        differ[self.kv_rows[moved] != self.kv_rows[sources], 0] = True  # another audio's row: all of it
+        start = int(differ.any(axis=0).argmax()) if differ.any() else n
 
-        def layers(start: int, stop: int) -> None:
-            for k_t, v in zip(cache[2 * start:2 * stop:2], cache[2 * start + 1:2 * stop:2]):
-                k_t[moved, ..., :n] = k_t[sources, ..., :n]
-                v[moved, :, :n] = v[sources, :, :n]
+        def layers(first: int, stop: int) -> None:
+            for k_t, v in zip(cache[2 * first:2 * stop:2], cache[2 * first + 1:2 * stop:2]):
+                k_t[moved, ..., start:n] = k_t[sources, ..., start:n]
+                v[moved, :, start:n] = v[sources, :, start:n]
 
-        if moved.size:
+        if start < n:
             in_halves(len(cache) // 2, layers)  # memory-bound copies: the other core moves half the layers
+        self.tokens = self.tokens[index]
         if rows < len(self.kv_rows):  # the first rows are the batch now: the step reads views of them
             cache = [array[:rows] for array in cache]
             if self._host_cache is not None:

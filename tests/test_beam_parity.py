@@ -371,3 +371,36 @@ def test_max_session_reorder_moves_whole_rows(tiny_runtime, speech_15s):
     cache_before = list(session.self_cache)
     session.reorder([0, 1, 2, 3])  # the identity moves nothing
     assert all(a is b for a, b in zip(session.self_cache, cache_before))
+
+
+def test_max_session_reorder_copies_a_row_from_where_its_tokens_differ(tiny_runtime, speech_15s):
+    """Rows of one audio that share their tokens up to a position hold the same keys and values up to
+    it, bit for bit, so a reorder copies a moved row's cache only from the first position where the
+    tokens differ: the cache after it equals the old rows it continues, and a position before that is
+    not written (a marker left there survives)."""
+    from runtime.audio import N_FRAMES, load_audio, log_mel_spectrogram, pad_or_trim
+
+    mel = log_mel_spectrogram(load_audio(speech_15s), tiny_runtime.mel_filters)
+    features = tiny_runtime.encode(pad_or_trim(mel, N_FRAMES)[None])
+    session = tiny_runtime.decoder(features, repeats=3)
+    prompt = np.tile(np.array([[50258, 50259, 50359, 50363]], dtype=np.int64), (3, 1))
+    session.prefill(prompt, positions=[3])
+    for tokens in ([440, 440, 440], [1029, 2221, 1029], [13, 13, 264]):  # rows 0, 2 part at position 6, row 1 at 5
+        session.step(np.array(tokens, dtype=np.int64))
+    n = session.length
+    before = [a.copy() for a in session._cache_arrays()]
+    session._cache_arrays()[2][1, 0, 0, 0] = 7.0  # a marker at position 0 of row 1 (layer 1's keys)
+    order = [2, 0, 0]
+    session.reorder(order)
+    after = session._cache_arrays()
+    for layer in range(0, len(after), 2):
+        k_t, v = after[layer], after[layer + 1]
+        expected_k, expected_v = before[layer][order], before[layer + 1][order]
+        if layer == 2:
+            assert k_t[1, 0, 0, 0] == 7.0  # row 1's position 0 was not copied: it continues row 0, same tokens there
+            expected_k[1, 0, 0, 0] = 7.0
+        np.testing.assert_array_equal(k_t[..., :n], expected_k[..., :n])
+        np.testing.assert_array_equal(v[:, :, :n], expected_v[:, :, :n])
+    np.testing.assert_array_equal(session.tokens[:, :n], np.stack([
+        [*prompt[0], 440, 1029, 264], [*prompt[0], 440, 1029, 13], [*prompt[0], 440, 1029, 13]]))
+

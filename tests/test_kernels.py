@@ -177,6 +177,60 @@ def test_grouped_query_attention_refuses_a_row_outside_the_audio(kernel_graphs):
         kernel_graphs[2].execute(*(Buffer.from_numpy(a) for a in arrays))
 
 
+@pytest.fixture(scope="module")
+def full_attention_graph():
+    from max.driver import CPU
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, TensorType
+
+    from graph_builders.kernels import KERNELS_PATH, full_attention
+
+    rows = TensorType(DType.float32, ["batch", "rows", HEADS * HEAD_DIM], DeviceRef.CPU())
+    with Graph("full_attention_kernel", input_types=[rows] * 3, custom_extensions=[KERNELS_PATH]) as graph:
+        graph.output(full_attention(*(v.tensor for v in graph.inputs)))
+    return InferenceSession(devices=[CPU()]).load(graph)
+
+
+def _reference_full_attention(q, k, v):
+    """softmax(q_h k_h^T / 8) v_h per head in float64, the heads side by side as the kernel takes them."""
+    batch, rows, _ = q.shape
+    q, k, v = (a.astype(np.float64).reshape(batch, rows, HEADS, HEAD_DIM).transpose(0, 2, 1, 3) for a in (q, k, v))
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(HEAD_DIM)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return (p @ v).transpose(0, 2, 1, 3).reshape(batch, rows, HEADS * HEAD_DIM)
+
+
+# rows on and off the kernel's register tile (6), query block (48), vector (16) and key tile (64) sizes;
+# 1500 is the encoder's
+@pytest.mark.parametrize("batch,rows", [(1, 1), (2, 37), (1, 100), (3, 64), (1, 1500)])
+def test_full_attention_matches_numpy(full_attention_graph, batch, rows):
+    from max.driver import Buffer
+
+    rng = np.random.default_rng(rows)
+    q, k, v = (rng.standard_normal((batch, rows, HEADS * HEAD_DIM)).astype(np.float32) for _ in range(3))
+    (out,) = full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))
+    assert np.abs(out.to_numpy() - _reference_full_attention(q, k, v)).max() < TOLERANCE
+
+
+def test_full_attention_softmax_is_over_the_real_keys_only(full_attention_graph):
+    """Every score far below zero: a padding key (the kernel's key tiles are 64 wide, its scores 0)
+    counted as a row's largest would underflow every exp() to 0 and the row to NaN."""
+    from max.driver import Buffer
+
+    rng = np.random.default_rng(1)
+    rows = 37
+    q = np.abs(rng.standard_normal((1, rows, HEADS * HEAD_DIM))).astype(np.float32) * 8
+    k = -np.abs(rng.standard_normal((1, rows, HEADS * HEAD_DIM))).astype(np.float32) * 8  # scores -500..-200
+    v = rng.standard_normal((1, rows, HEADS * HEAD_DIM)).astype(np.float32)
+    reference = _reference_full_attention(q, k, v)
+    (out,) = full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))
+    assert np.isfinite(out.to_numpy()).all()
+    # scores this large carry fp32 rounding of ~3e-5 each (6e-5 observed in the output)
+    assert np.abs(out.to_numpy() - reference).max() < 1e-3
+
+
 @pytest.mark.parametrize("capacity,filled", [
     (448, [0] * 5), (448, [299] * 5), (20, [19, 19]), (64, [33, 0, 5, 63, 17, 1, 40]), (448, [447, 0, 222])])
 def test_cached_query_attention_extends_the_cache_in_place(kernel_graphs, capacity, filled):

@@ -45,6 +45,7 @@ ATTENTION_OP_NAME = "single_query_attention"
 GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
 GROUPED_ATTENTION_F16KV_OP_NAME = "grouped_query_attention_f16kv"
 CACHED_ATTENTION_OP_NAME = "cached_query_attention"
+FULL_ATTENTION_OP_NAME = "full_attention"
 QUANTIZE_ROWS_OP_NAME = "quantize_rows"
 DYNAMIC_INT8_OP_NAME = "dynamic_int8_matmul"
 INT8_LOGITS_OP_NAME = "int8_logits"
@@ -52,7 +53,7 @@ DYNAMIC_INT8_TILE = 64  # the packed weight's column tile (dynamic_int8_matmul.m
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
 __all__ = ["ATTENTION_HEAD_DIM", "DYNAMIC_INT8_TILE", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "PANEL", "build_mojoc",
-           "cached_query_attention", "dynamic_int8_matmul", "fp16_panel_matmul", "fp16_weight_matmul",
+           "cached_query_attention", "dynamic_int8_matmul", "full_attention", "fp16_panel_matmul", "fp16_weight_matmul",
            "grouped_query_attention", "int8_panel_matmul",
            "int8_logits", "int8_weight_matmul", "quantize_rows", "single_query_attention"]
 
@@ -228,6 +229,23 @@ def grouped_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue, kv
     out_type = TensorType(DType.float32, [q.shape[0], q.shape[1], ATTENTION_HEAD_DIM], device=DeviceRef.CPU())
     name = GROUPED_ATTENTION_OP_NAME if kv_dtype == DType.float32 else GROUPED_ATTENTION_F16KV_OP_NAME
     return ops.custom(name, device=DeviceRef.CPU(), values=[q, k_t, v, kv_rows], out_types=[out_type])[0].tensor
+
+
+def full_attention(q: TensorValue, k: TensorValue, v: TensorValue) -> TensorValue:
+    """softmax(q_h @ k_h^T / 8) @ v_h for every head h and every query row, the heads side by side in
+    the last axis: q, k, v [B, N, H * 64] (the linears' layout) -> [B, N, H * 64]; each row attends to
+    all N rows of its batch entry (the encoder's self-attention). float32; B and N may be symbolic.
+    CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
+    """
+    q, k, v = TensorValue(q), TensorValue(k), TensorValue(v)
+    if q.rank != 3 or k.rank != 3 or v.rank != 3:
+        raise ValueError(f"expected q, k, v [B, N, H * 64], got {q.shape}, {k.shape}, {v.shape}")
+    if any(t.dtype != DType.float32 for t in (q, k, v)):
+        raise TypeError("full_attention computes in float32")
+    if not isinstance(q.shape[2], StaticDim) or int(q.shape[2]) % ATTENTION_HEAD_DIM:
+        raise ValueError(f"full_attention: {q.shape[2]} is not a static multiple of the head width {ATTENTION_HEAD_DIM}")
+    return ops.custom(FULL_ATTENTION_OP_NAME, device=DeviceRef.CPU(), values=[q, k, v],
+                      out_types=[TensorType(DType.float32, q.shape, device=DeviceRef.CPU())])[0].tensor
 
 
 def cached_query_attention(k_cache: BufferValue, v_cache: BufferValue, q: TensorValue, k: TensorValue,
