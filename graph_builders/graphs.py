@@ -139,7 +139,8 @@ class WhisperGraphs:
         # the int8 build keeps the cross-attention keys and values the steps read in fp16
         self.cross_dtype = DType.float16 if int8_weights else DType.float32
         # The custom kernels (kernels/) are CPU code: the fp16- and int8-weight matmuls for narrow
-        # decoder weights and the int8 build's audio rows, single-query attention for every decoder step.
+        # decoder weights and the int8 build's audio rows, single-query attention for every decoder step,
+        # full attention for the encoder's layers.
         self.use_kernels = (fp16_weights or int8_weights) and device.is_cpu()
         self.use_attention_kernel = device.is_cpu() and dims["n_text_state"] // dims["n_text_head"] == ATTENTION_HEAD_DIM
         self.use_full_attention_kernel = (device.is_cpu()
@@ -152,9 +153,7 @@ class WhisperGraphs:
 
     def _graph(self, name: str, input_types: list) -> Graph:
         # A graph that calls a custom op must know its kernel library when it is built.
-        extensions = ([KERNELS_PATH] if self.uses_custom_kernels and (name.startswith("decoder") or self.int8_weights
-                                                                     or self.use_full_attention_kernel)
-                      else [])
+        extensions = [KERNELS_PATH] if self.uses_custom_kernels else []
         return Graph(name, input_types=input_types, custom_extensions=extensions)
 
     # -- building blocks -------------------------------------------------------------------

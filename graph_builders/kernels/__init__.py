@@ -9,6 +9,7 @@ fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
 int8 weights, summed exactly in int32 (AVX-512 VNNI where the CPU has it), for the int8 build's encoder.
 ``int8_logits(hidden, q, q_scale, w, w_scale, embedding, margin)``: the int8 build's logits the same way,
 those near each row's best recomputed in fp32 from the embedding's fp16 rows.
+``full_attention(q, k, v)``: the encoder's self-attention over every row, fused (scores stay in cache).
 
 Usage::
 
@@ -53,7 +54,7 @@ DYNAMIC_INT8_TILE = 64  # the packed weight's column tile (dynamic_int8_matmul.m
 ATTENTION_HEAD_DIM = 64  # the kernel's head width: every official Whisper model's
 
 __all__ = ["ATTENTION_HEAD_DIM", "DYNAMIC_INT8_TILE", "INT8_GROUP", "KERNELS_PATH", "OP_NAME", "PANEL", "build_mojoc",
-           "cached_query_attention", "dynamic_int8_matmul", "full_attention", "fp16_panel_matmul", "fp16_weight_matmul",
+           "cached_query_attention", "dynamic_int8_matmul", "fp16_panel_matmul", "fp16_weight_matmul", "full_attention",
            "grouped_query_attention", "int8_panel_matmul",
            "int8_logits", "int8_weight_matmul", "quantize_rows", "single_query_attention"]
 

@@ -249,7 +249,7 @@ struct FullAttention:
         for t in range(3):
             if k.dim_size(t) != q.dim_size(t) or v.dim_size(t) != q.dim_size(t):
                 raise Error("full_attention: q, k and v must have one shape")
-        if N < 1:
+        if N < 1 or B < 1:
             return
         var H = ld // HEAD_DIM
         var mp = ceildiv(N, KT) * KT

@@ -141,7 +141,7 @@ def _tiles_mb[
 ):
     # Wide tiles (more independent FMA chains, each weight vector used by more FMAs) while the
     # accumulators fit the 32 zmm registers with the weight vectors: 6 x 4 + 4 unscaled (base's
-    # logits at 5 rows: 2.1 -> 1.4 ms standalone); scaled tiles keep a partial sum per accumulator.
+    # logits at 5 rows: 2.1 -> 1.6 ms standalone); scaled tiles keep a partial sum per accumulator.
     comptime NVT = NV * 2 if MB <= 3 or (MB <= 6 and not SCALED) else NV
     comptime STEP = NVT // NV
     # [K, N] row-major: no prefetch past the last tiles; panels: prefetch past a panel's end reads the
