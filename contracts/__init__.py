@@ -19,7 +19,11 @@ MODEL_FORMAT = "whisper-max/model@1"
 # values once per audio; artifacts of @1 feed it other inputs, so they are refused and rebuilt
 # @4: the graphs' weights are made by `make compile` into the target's own weights file (the manifest's
 # "weights"), which the runtime reads as it is; @3 left making them to the runtime
-MANIFEST_FORMAT = "whisper-max/artifacts@4"
+# @5: decoder_step also takes each row's prefix row and prefix length (STEP_CACHES_AT)
+MANIFEST_FORMAT = "whisper-max/artifacts@5"
+# decoder_step's inputs: tokens, position, kv_rows, prefix_rows, prefix_lengths, then per layer the
+# self-attention caches (k_t, v), then per layer the cross-attention keys and values (k_t, v)
+STEP_CACHES_AT = 5
 MODEL_JSON = "model.json"
 MANIFEST_JSON = "manifest.json"
 # what every stage reads from model.json

@@ -57,6 +57,8 @@ import numpy as np
 from max.dtype import DType
 from max.graph import BufferType, BufferValue, DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
+from contracts import STEP_CACHES_AT
+
 from .kernels import (ATTENTION_HEAD_DIM, DYNAMIC_INT8_TILE, INT8_GROUP, KERNELS_PATH, PANEL, cached_query_attention,
                       dynamic_int8_matmul, fp16_panel_matmul, full_attention, grouped_query_attention, int8_logits,
                       int8_panel_matmul, quantize_rows, single_query_attention)
@@ -352,10 +354,13 @@ class WhisperGraphs:
         return self._layer_norm(w, x, "decoder.ln", n_state), new_cache
 
     def _cached_self_attention(self, w: WeightSet, h: TensorValue, prefix: str, k_cache: BufferValue,
-                               v_cache: BufferValue, position: TensorValue) -> TensorValue:
+                               v_cache: BufferValue, position: TensorValue, prefix_rows: TensorValue,
+                               prefix_lengths: TensorValue) -> TensorValue:
         """A step's self-attention: the new position's key and value are written into the caches
         in place (k_cache [batch, head, head_dim, capacity], v_cache [batch, head, capacity, head_dim])
         at each row's `position` [batch], and the query attends over the row's positions up to it.
+        The kernel reads the first prefix_lengths[b] positions of row b from row prefix_rows[b]'s
+        cache, once for every row naming it (the same values: decoder_step's docstring).
         Returns [batch, 1, state]."""
         d = self.dims
         n_state, n_head = d["n_text_state"], d["n_text_head"]
@@ -365,9 +370,11 @@ class WhisperGraphs:
                      self._linear(w, h, f"{prefix}.key", n_state, n_state, bias=False),
                      self._linear(w, h, f"{prefix}.value", n_state, n_state)]
             q, k, v = (ops.reshape(t, [batch, n_head, head_dim]) for t in heads)
-            return ops.reshape(cached_query_attention(k_cache, v_cache, q, k, v, position), [batch, 1, n_state])
+            return ops.reshape(cached_query_attention(k_cache, v_cache, q, k, v, position, prefix_rows, prefix_lengths),
+                               [batch, 1, n_state])
         # Stock ops (GPU; head widths the kernel does not take): the whole cache is read, the new
-        # position merged in and stored back, and the positions after it masked out.
+        # position merged in and stored back, and the positions after it masked out; every row reads
+        # its own (the prefix inputs only save reads).
         q, k_t, v = self._self_attention_qkv(w, h, prefix, n_state, n_head)
         keys, values = ops.buffer_load(k_cache), ops.buffer_load(v_cache)
         capacity = keys.shape[3]
@@ -465,11 +472,14 @@ class WhisperGraphs:
 
     def decoder_step(self) -> BuiltGraph:
         """Inputs: tokens int64 [batch, 1], position int64 [batch] (each row's own: rows that joined at
-        different times step together), kv_rows int64 [batch] (the audio row of each token row), then
-        per layer the self-attention caches k_t [batch, head, head_dim, capacity] and v [batch, head,
-        capacity, head_dim] as mutable buffers holding each row's positions before its `position` (the
-        step writes `position` into them), then per layer cross k_t [n_audio, ...] and
-        cross v [n_audio, ...] (as the prefill of the n_audio audio rows returned them).
+        different times step together), kv_rows int64 [batch] (the audio row of each token row),
+        prefix_rows and prefix_lengths int64 [batch] (row b's first prefix_lengths[b] cache positions
+        hold what row prefix_rows[b]'s do: a position's keys and values are a function of the audio
+        and the tokens up to it, so beams of one audio agree where their tokens do; arange and zeros
+        claim nothing), then per layer the self-attention caches k_t [batch, head, head_dim, capacity]
+        and v [batch, head, capacity, head_dim] as mutable buffers holding each row's positions before
+        its `position` (the step writes `position` into them), then per layer cross k_t [n_audio, ...]
+        and cross v [n_audio, ...] (as the prefill of the n_audio audio rows returned them).
         Outputs: logits [batch, vocab]."""
         d = self.dims
         n_state, n_head = d["n_text_state"], d["n_text_head"]
@@ -484,18 +494,21 @@ class WhisperGraphs:
             TensorType(DType.int64, ["batch", 1], device=self.device),
             TensorType(DType.int64, ["batch"], device=self.device),
             TensorType(DType.int64, ["batch"], device=self.device),
+            TensorType(DType.int64, ["batch"], device=self.device),
+            TensorType(DType.int64, ["batch"], device=self.device),
             *([k_type, v_type] * n_layer),
             *([ck_type, cv_type] * n_layer),
         ]
         with self._graph("decoder_step", input_types) as graph:
-            tokens, position, kv_rows = (v.tensor for v in graph.inputs[:3])
-            caches = [v.buffer for v in graph.inputs[3:3 + 2 * n_layer]]
-            cross_flat = [v.tensor for v in graph.inputs[3 + 2 * n_layer:]]
+            tokens, position, kv_rows, prefix_rows, prefix_lengths = (v.tensor for v in graph.inputs[:STEP_CACHES_AT])
+            caches = [v.buffer for v in graph.inputs[STEP_CACHES_AT:STEP_CACHES_AT + 2 * n_layer]]
+            cross_flat = [v.tensor for v in graph.inputs[STEP_CACHES_AT + 2 * n_layer:]]
             cross = [(cross_flat[2 * i], cross_flat[2 * i + 1]) for i in range(n_layer)]
             x = self._embed(w, tokens, ops.reshape(position, [tokens.shape[0], 1]))
 
             def self_attention(i, prefix, h):
-                return self._cached_self_attention(w, h, prefix, caches[2 * i], caches[2 * i + 1], position), []
+                return self._cached_self_attention(w, h, prefix, caches[2 * i], caches[2 * i + 1], position,
+                                                   prefix_rows, prefix_lengths), []
 
             x, _ = self._decoder_layers(w, x, self_attention, cross, kv_rows=kv_rows)
             graph.output(ops.squeeze(self._logits(w, x), 1))

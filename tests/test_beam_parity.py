@@ -404,3 +404,39 @@ def test_max_session_reorder_copies_a_row_from_where_its_tokens_differ(tiny_runt
     np.testing.assert_array_equal(session.tokens[:, :n], np.stack([
         [*prompt[0], 440, 1029, 264], [*prompt[0], 440, 1029, 13], [*prompt[0], 440, 1029, 13]]))
 
+
+def test_max_session_step_reads_the_positions_beams_share_once(tiny_runtime, speech_15s, monkeypatch):
+    """Each row names its audio's first row and how many of its positions agree with it; the step reads
+    those from the first row's cache for every row of the audio, and gives the very logits (and
+    caches) of every row reading its own."""
+    from runtime.audio import N_FRAMES, load_audio, log_mel_spectrogram, pad_or_trim
+    from runtime.engine import MaxDecoderSession
+
+    mel = log_mel_spectrogram(load_audio(speech_15s), tiny_runtime.mel_filters)
+    features = tiny_runtime.encode(pad_or_trim(mel, N_FRAMES)[None])
+    # a previous-text prompt: more shared positions than the kernel's vector of 16
+    prompt = np.tile(np.array([[50361, *range(300, 316), 50258, 50259, 50359, 50363]], dtype=np.int64), (3, 1))
+    steps = ([440, 440, 440], [1029, 2221, 1029], [13, 13, 264], [11, 11, 11])
+
+    def decode(own_reads: bool):
+        if own_reads:
+            monkeypatch.setattr(MaxDecoderSession, "_prefixes", lambda self: (
+                np.arange(len(self.kv_rows), dtype=np.int64), np.zeros(len(self.kv_rows), dtype=np.int64)))
+        session = tiny_runtime.decoder(features, repeats=3)
+        session.prefill(prompt, positions=[prompt.shape[1] - 1])
+        logits, prefixes = [], []
+        for tokens in steps:
+            prefixes.append(tuple(a.tolist() for a in session._prefixes()))
+            logits.append(session.step(np.array(tokens, dtype=np.int64)))
+        monkeypatch.undo()
+        return logits, prefixes, [a.copy() for a in session._cache_arrays()]
+
+    shared_logits, prefixes, shared_cache = decode(own_reads=False)
+    own_logits, _, own_cache = decode(own_reads=True)
+    # rows 0 and 2 part at position 23, row 1 at position 22 (the prompt is 21 tokens)
+    assert prefixes == [([0, 0, 0], [21, 21, 21]), ([0, 0, 0], [22, 22, 22]), ([0, 0, 0], [23, 22, 23]),
+                        ([0, 0, 0], [24, 22, 23])]
+    for step, (shared, own) in enumerate(zip(shared_logits, own_logits)):
+        np.testing.assert_array_equal(shared, own, err_msg=f"step {step}")
+    for shared, own in zip(shared_cache, own_cache):
+        np.testing.assert_array_equal(shared, own)

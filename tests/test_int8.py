@@ -16,6 +16,7 @@ from audio_samples import varied_speech
 from conftest import run_tool
 
 from bench.wer import word_error_rate
+from contracts import STEP_CACHES_AT
 
 
 def test_quantization_rounds_each_group_of_64_inputs_to_its_own_scale():
@@ -118,7 +119,7 @@ def test_int8_build_sits_beside_the_exact_one(real_tiny_en_dir, real_tiny_en_int
     assert not any(name.endswith(":transpose") for name in encoder)
     assert int8["cpu_features"] == exact["cpu_features"] and "avx2" in exact["cpu_features"]
     # the audio's cross-attention keys and values the steps read: fp16 here, fp32 in the exact build
-    cross = 3 + 2 * int8["model"]["dims"]["n_text_layer"]
+    cross = STEP_CACHES_AT + 2 * int8["model"]["dims"]["n_text_layer"]
     assert int8["graphs"]["decoder_step"]["inputs"][cross]["dtype"] == "DType.float16"
     assert exact["graphs"]["decoder_step"]["inputs"][cross]["dtype"] == "DType.float32"
     assert real_tiny_en_int8.cross_dtype == "float16"

@@ -52,7 +52,7 @@ def kernel_graphs():
     cached_inputs = [BufferType(DType.float32, ["rows", HEADS, HEAD_DIM, "capacity"], cpu),
                      BufferType(DType.float32, ["rows", HEADS, "capacity", HEAD_DIM], cpu),
                      *[TensorType(DType.float32, ["rows", HEADS, HEAD_DIM], cpu)] * 3,
-                     TensorType(DType.int64, ["rows"], cpu)]
+                     *[TensorType(DType.int64, ["rows"], cpu)] * 3]
     with Graph("cached_attention_kernel", input_types=cached_inputs, custom_extensions=[KERNELS_PATH]) as graph:
         k_cache, v_cache = (v.buffer for v in graph.inputs[:2])
         graph.output(cached_query_attention(k_cache, v_cache, *(v.tensor for v in graph.inputs[2:])))
@@ -244,9 +244,9 @@ def test_cached_query_attention_extends_the_cache_in_place(kernel_graphs, capaci
     v_cache = rng.standard_normal((rows, HEADS, capacity, HEAD_DIM)).astype(np.float32)
     k_before, v_before = k_cache.copy(), v_cache.copy()
     q, k, v = (rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32) for _ in range(3))
+    own = (np.arange(rows, dtype=np.int64), np.zeros(rows, np.int64))  # every row reads its own positions
     (out,) = kernel_graphs[3].execute(Buffer.from_numpy(k_cache), Buffer.from_numpy(v_cache),
-                                      *(Buffer.from_numpy(a) for a in (q, k, v)),
-                                      Buffer.from_numpy(np.array(filled, np.int64)))
+                                      *(Buffer.from_numpy(a) for a in (q, k, v, np.array(filled, np.int64), *own)))
     expected_k, expected_v = k_before.copy(), v_before.copy()
     for row, at in enumerate(filled):
         expected_k[row, ..., at], expected_v[row, :, at] = k[row], v[row]
@@ -265,8 +265,66 @@ def test_cached_query_attention_refuses_a_position_past_the_cache(kernel_graphs,
 
     rows = len(positions)
     arrays = (np.zeros((rows, HEADS, HEAD_DIM, 4), np.float32), np.zeros((rows, HEADS, 4, HEAD_DIM), np.float32),
-              *[np.zeros((rows, HEADS, HEAD_DIM), np.float32)] * 3, np.array(positions, np.int64))
+              *[np.zeros((rows, HEADS, HEAD_DIM), np.float32)] * 3, np.array(positions, np.int64),
+              np.arange(rows, dtype=np.int64), np.zeros(rows, np.int64))
     with pytest.raises(Exception, match="position outside the cache"):
+        kernel_graphs[3].execute(*(Buffer.from_numpy(a) for a in arrays))
+
+
+@pytest.mark.parametrize("capacity,filled,prefix_rows,shared", [
+    (448, [260] * 5, [0] * 5, 250),  # five beams of one audio that parted 10 positions ago
+    (448, [300] * 10 + [299], [0] * 4 + [4] * 7, 47),  # two audios; a group past one pass (6 rows); a shorter row
+    (64, [33, 33, 20], [1, 1, 1], 16),  # the prefix row is not the first row
+    (64, [9, 9], [0, 0], 9),  # fewer positions than a vector, all of them shared
+    (448, [447, 447, 3], [0, 0, 2], 447),  # every position but the new one
+])
+def test_cached_query_attention_reads_a_shared_prefix_once(kernel_graphs, capacity, filled, prefix_rows, shared):
+    """Rows that name a prefix row read their shared positions from its cache, once for all of them:
+    the same bits as each row reading its own copy, and the caches written as without sharing."""
+    from max.driver import Buffer
+
+    rows = len(filled)
+    rng = np.random.default_rng(capacity + rows)
+    k_cache = rng.standard_normal((rows, HEADS, HEAD_DIM, capacity)).astype(np.float32)
+    v_cache = rng.standard_normal((rows, HEADS, capacity, HEAD_DIM)).astype(np.float32)
+    lengths = np.array([min(shared, filled[row], filled[lead]) for row, lead in enumerate(prefix_rows)], np.int64)
+    for row, lead in enumerate(prefix_rows):  # the promise: the shared positions hold the same values
+        k_cache[row, ..., :lengths[row]] = k_cache[lead, ..., :lengths[row]]
+        v_cache[row, :, :lengths[row]] = v_cache[lead, :, :lengths[row]]
+    # the shared positions are read from the prefix row's cache, in whole vectors of 16 positions up to
+    # the group's shortest: a row's own copy of those is never read (poisoned to show so)
+    poisoned_k, poisoned_v = k_cache.copy(), v_cache.copy()
+    for row, lead in enumerate(prefix_rows):
+        unread = min(lengths[np.array(prefix_rows) == lead]) // 16 * 16
+        if lead != row:
+            poisoned_k[row, ..., :unread] = np.nan
+            poisoned_v[row, :, :unread] = np.nan
+    q, k, v = (rng.standard_normal((rows, HEADS, HEAD_DIM)).astype(np.float32) for _ in range(3))
+    position = np.array(filled, np.int64)
+
+    def attend(k_start, v_start, prefix):
+        caches = Buffer.from_numpy(k_start.copy()), Buffer.from_numpy(v_start.copy())
+        (out,) = kernel_graphs[3].execute(*caches, *(Buffer.from_numpy(a) for a in (q, k, v, position, *prefix)))
+        return out.to_numpy(), caches[0].to_numpy(), caches[1].to_numpy()
+
+    own, own_k, own_v = attend(k_cache, v_cache, (np.arange(rows, dtype=np.int64), np.zeros(rows, np.int64)))
+    shared_out, shared_k, _ = attend(poisoned_k, poisoned_v, (np.array(prefix_rows, np.int64), lengths))
+    assert np.isfinite(own).all()
+    np.testing.assert_array_equal(shared_out, own)
+    written = np.isfinite(poisoned_k)  # the new positions are written as without sharing
+    np.testing.assert_array_equal(shared_k[written], own_k[written])
+
+
+@pytest.mark.parametrize("prefix_rows,lengths,match", [
+    ([0, 2], [0, 0], "prefix row out of range"), ([0, 0], [0, 4], "prefix length beyond"),
+    ([1, 1], [3, 3], "prefix length beyond")])
+def test_cached_query_attention_refuses_a_prefix_it_cannot_hold(kernel_graphs, prefix_rows, lengths, match):
+    from max.driver import Buffer
+
+    arrays = (np.zeros((2, HEADS, HEAD_DIM, 8), np.float32), np.zeros((2, HEADS, 8, HEAD_DIM), np.float32),
+              *[np.zeros((2, HEADS, HEAD_DIM), np.float32)] * 3, np.array([3, 2], np.int64),
+              np.array(prefix_rows, np.int64), np.array(lengths, np.int64))
+    with pytest.raises(Exception, match=match):
         kernel_graphs[3].execute(*(Buffer.from_numpy(a) for a in arrays))
 
 

@@ -250,21 +250,29 @@ def full_attention(q: TensorValue, k: TensorValue, v: TensorValue) -> TensorValu
 
 
 def cached_query_attention(k_cache: BufferValue, v_cache: BufferValue, q: TensorValue, k: TensorValue,
-                           v: TensorValue, position: TensorValue) -> TensorValue:
+                           v: TensorValue, position: TensorValue, prefix_rows: TensorValue,
+                           prefix_lengths: TensorValue) -> TensorValue:
     """A decoder step's self-attention over a cache it extends in place: writes k [B, H, 64] into
     k_cache [B, H, 64, C] and v [B, H, 64] into v_cache [B, H, C, 64] at each row's `position`
     (int64 [B], < C), then returns single_query_attention's result over the row's positions up to
     its own -> [B, H, 64]. Rows at different positions (requests joined at different times) step together.
 
+    prefix_rows, prefix_lengths (int64 [B]): row b's first prefix_lengths[b] positions hold the same
+    keys and values as row prefix_rows[b]'s (beams of one audio with the same tokens there; at most
+    either row's position). The rows naming one prefix row read those positions once between them;
+    the result is the same bits whatever they name (arange and zeros: every row reads its own).
+
     float32; CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
     """
     q, k, v, position = TensorValue(q), TensorValue(k), TensorValue(v), TensorValue(position)
+    prefix_rows, prefix_lengths = TensorValue(prefix_rows), TensorValue(prefix_lengths)
     if q.rank != 3 or k.rank != 3 or v.rank != 3 or k_cache.rank != 4 or v_cache.rank != 4:
         raise ValueError(f"expected q, k, v [B, H, 64] and caches [B, H, 64, C], [B, H, C, 64], got "
                          f"{q.shape}, {k.shape}, {v.shape}, {k_cache.shape}, {v_cache.shape}")
     out_type = TensorType(DType.float32, [q.shape[0], q.shape[1], ATTENTION_HEAD_DIM], device=DeviceRef.CPU())
     return ops.inplace_custom(CACHED_ATTENTION_OP_NAME, device=DeviceRef.CPU(),
-                              values=[k_cache, v_cache, q, k, v, position], out_types=[out_type])[0].tensor
+                              values=[k_cache, v_cache, q, k, v, position, prefix_rows, prefix_lengths],
+                              out_types=[out_type])[0].tensor
 
 
 def build_mojoc(out: str | Path) -> Path:
