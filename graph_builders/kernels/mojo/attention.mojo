@@ -162,6 +162,49 @@ comptime D_UNROLL = 4  # key rows per pass over the scores: GROUP_MAX x 4 q broa
 
 
 @always_inline
+def _softmax_scores(sp: Pointer[Float32, MutAnyOrigin], s0: Int, n: Int, scale: Float32):
+    """softmax(scale * scores) in place over sp[s0:s0 + n], with _attend_row's operations in its
+    order: the full vectors, then the tail one by one."""
+    var nv = n // W16
+    var vmax = SIMD[DType.float32, W16](-3.0e38)
+    for j in range(nv):
+        var s = sp.unsafe_load[width=W16](s0 + j * W16) * scale
+        sp.unsafe_store(s0 + j * W16, s)
+        vmax = max(vmax, s)
+    var smax = vmax.reduce_max()
+    for m in range(nv * W16, n):
+        var s = sp[unsafe_offset=s0 + m] * scale
+        sp.unsafe_store(s0 + m, s)
+        smax = max(smax, s)
+    var vsum = SIMD[DType.float32, W16](0)
+    for j in range(nv):
+        var e = exp(sp.unsafe_load[width=W16](s0 + j * W16) - smax)
+        sp.unsafe_store(s0 + j * W16, e)
+        vsum += e
+    var total = vsum.reduce_add()
+    for m in range(nv * W16, n):
+        var e = exp(sp[unsafe_offset=s0 + m] - smax)
+        sp.unsafe_store(s0 + m, e)
+        total += e
+    var inv = 1.0 / total
+    for j in range(nv):
+        sp.unsafe_store(s0 + j * W16, sp.unsafe_load[width=W16](s0 + j * W16) * inv)
+    for m in range(nv * W16, n):
+        sp.unsafe_store(s0 + m, sp[unsafe_offset=s0 + m] * inv)
+
+
+@always_inline
+def _spare_into_place(sp: Pointer[Float32, MutAnyOrigin], s0: Int, n: Int, spare: Int):
+    """Moves the scores of positions n // 16 * 16 .. n - 1 (n not a multiple of 16, at least 16)
+    from the last lanes of the spare vector at sp[spare], which holds positions n - 16 .. n - 1,
+    to their places after the full vectors at sp[s0]."""
+    var nv = n // W16
+    var rem = n - nv * W16
+    for t in range(rem):
+        sp.unsafe_store(s0 + nv * W16 + t, sp[unsafe_offset=spare + W16 - rem + t])
+
+
+@always_inline
 def _attend_group[
     NR: Int, KT: DType
 ](
@@ -207,10 +250,9 @@ def _attend_group[
                     s = k[u].fma(qd[i * D_UNROLL + u], s)
                 sp.unsafe_store(i * ms + j * W16, s)
     if rem > 0:
-        if nv > 0:  # the spare vector's last rem lanes are keys nv*16.., in place
+        if nv > 0:  # the spare vector is the one after the full ones
             comptime for i in range(NR):
-                for t in range(rem):
-                    sp.unsafe_store(i * ms + nv * W16 + t, sp[unsafe_offset=i * ms + nv * W16 + W16 - rem + t])
+                _spare_into_place(sp, i * ms, M, i * ms + nv * W16)
         else:  # fewer than 16 keys: one at a time
             for d in range(HEAD_DIM):
                 var row = k0 + d * M
@@ -220,34 +262,9 @@ def _attend_group[
                         var qd = qp[unsafe_offset=q_rows[i] * HEAD_DIM + d]
                         sp.unsafe_store(i * ms + m, k.fma(qd, sp[unsafe_offset=i * ms + m]))
 
-    # pass 2: softmax over each row's scaled scores (as _attend_row: vectors, then the tail one by one)
+    # pass 2: softmax over each row's scaled scores
     comptime for i in range(NR):
-        var s0 = i * ms
-        var vmax = SIMD[DType.float32, W16](-3.0e38)
-        for j in range(nv):
-            var s = sp.unsafe_load[width=W16](s0 + j * W16) * scale
-            sp.unsafe_store(s0 + j * W16, s)
-            vmax = max(vmax, s)
-        var smax = vmax.reduce_max()
-        for m in range(nv * W16, M):
-            var s = sp[unsafe_offset=s0 + m] * scale
-            sp.unsafe_store(s0 + m, s)
-            smax = max(smax, s)
-        var vsum = SIMD[DType.float32, W16](0)
-        for j in range(nv):
-            var e = exp(sp.unsafe_load[width=W16](s0 + j * W16) - smax)
-            sp.unsafe_store(s0 + j * W16, e)
-            vsum += e
-        var total = vsum.reduce_add()
-        for m in range(nv * W16, M):
-            var e = exp(sp[unsafe_offset=s0 + m] - smax)
-            sp.unsafe_store(s0 + m, e)
-            total += e
-        var inv = 1.0 / total
-        for j in range(nv):
-            sp.unsafe_store(s0 + j * W16, sp.unsafe_load[width=W16](s0 + j * W16) * inv)
-        for m in range(nv * W16, M):
-            sp.unsafe_store(s0 + m, sp[unsafe_offset=s0 + m] * inv)
+        _softmax_scores(sp, i * ms, M, scale)
 
     # pass 3: out = p @ v, positions in order; one load of each v vector for every row
     var acc = Array[SIMD[DType.float32, W16], NR * NVD](fill=0)
@@ -470,9 +487,8 @@ def _cached_group[
         var nv = n // W16
         var rem = n - nv * W16
         if rem > 0:
-            if nv > 0:  # the spare vector's last rem lanes are positions nv * 16..
-                for t in range(rem):
-                    sp.unsafe_store(i * ms + nv * W16 + t, sp[unsafe_offset=i * ms + ms - rem + t])
+            if nv > 0:  # the spare vector is the row's last
+                _spare_into_place(sp, i * ms, n, i * ms + ms - W16)
             else:  # fewer than 16 positions: one at a time
                 for d in range(HEAD_DIM):
                     var qd = qp[unsafe_offset=q_rows[i] * HEAD_DIM + d]
@@ -480,36 +496,9 @@ def _cached_group[
                     for m in range(n):
                         sp.unsafe_store(i * ms + m, kp[unsafe_offset=own + m].fma(qd, sp[unsafe_offset=i * ms + m]))
 
-    # pass 2: softmax over each row's scaled scores (as _attend_row: vectors, then the tail one by one)
+    # pass 2: softmax over each row's scaled scores
     comptime for i in range(NR):
-        var s0 = i * ms
-        var n = lengths[i]
-        var nv = n // W16
-        var vmax = SIMD[DType.float32, W16](-3.0e38)
-        for j in range(nv):
-            var s = sp.unsafe_load[width=W16](s0 + j * W16) * scale
-            sp.unsafe_store(s0 + j * W16, s)
-            vmax = max(vmax, s)
-        var smax = vmax.reduce_max()
-        for m in range(nv * W16, n):
-            var s = sp[unsafe_offset=s0 + m] * scale
-            sp.unsafe_store(s0 + m, s)
-            smax = max(smax, s)
-        var vsum = SIMD[DType.float32, W16](0)
-        for j in range(nv):
-            var e = exp(sp.unsafe_load[width=W16](s0 + j * W16) - smax)
-            sp.unsafe_store(s0 + j * W16, e)
-            vsum += e
-        var total = vsum.reduce_add()
-        for m in range(nv * W16, n):
-            var e = exp(sp[unsafe_offset=s0 + m] - smax)
-            sp.unsafe_store(s0 + m, e)
-            total += e
-        var inv = 1.0 / total
-        for j in range(nv):
-            sp.unsafe_store(s0 + j * W16, sp.unsafe_load[width=W16](s0 + j * W16) * inv)
-        for m in range(nv * W16, n):
-            sp.unsafe_store(s0 + m, sp[unsafe_offset=s0 + m] * inv)
+        _softmax_scores(sp, i * ms, lengths[i], scale)
 
     # pass 3: out = p @ v, positions in order: the shared ones' values once for the group, then each row's own
     var acc = Array[SIMD[DType.float32, W16], NR * NVD](fill=0)
