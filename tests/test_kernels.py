@@ -231,6 +231,56 @@ def test_full_attention_softmax_is_over_the_real_keys_only(full_attention_graph)
     assert np.abs(out.to_numpy() - reference).max() < 1e-3
 
 
+@pytest.fixture(scope="module")
+def full_attention_both_graph():
+    """The fp32 op and the bf16 one (the int8 build's encoder) on the same inputs."""
+    from max.driver import CPU
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, TensorType
+
+    from graph_builders.kernels import KERNELS_PATH, full_attention
+
+    rows = TensorType(DType.float32, ["batch", "rows", HEADS * HEAD_DIM], DeviceRef.CPU())
+    with Graph("full_attention_both", input_types=[rows] * 3, custom_extensions=[KERNELS_PATH]) as graph:
+        q, k, v = (v.tensor for v in graph.inputs)
+        graph.output(full_attention(q, k, v), full_attention(q, k, v, bf16=True))
+    return InferenceSession(devices=[CPU()]).load(graph)
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+# rows on and off the tiles' 16 rows, the packed key blocks (16, passes of 64) and value blocks (32)
+@pytest.mark.parametrize("batch,rows", [(1, 1), (2, 37), (1, 100), (3, 64), (1, 1500)])
+def test_full_attention_bf16_is_the_attention_to_bf16_rounding(full_attention_both_graph, batch, rows):
+    """With AMX (bf16 tiles): within bf16 rounding of float64 (inputs and weights rounded to 8 bits of
+    mantissa, sums fp32), and not the fp32 op's bits; without AMX: the fp32 op's computation, bit for bit."""
+    from max.driver import Buffer
+
+    rng = np.random.default_rng(rows)
+    q, k, v = (rng.standard_normal((batch, rows, HEADS * HEAD_DIM)).astype(np.float32) for _ in range(3))
+    fp32, bf16 = (o.to_numpy() for o in full_attention_both_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v))))
+    reference = _reference_full_attention(q, k, v)
+    error = np.abs(bf16 - reference)
+    if _cpu_has_amx():
+        assert not np.array_equal(bf16, fp32)
+        assert error.max() < 0.02 and error.mean() < 2e-3
+    else:
+        np.testing.assert_array_equal(bf16, fp32)
+    # every query row, key and value of every head counts: one row's keys left out or misplaced moves
+    # its batch entry's outputs far past that
+    k[-1, rows // 2] += 3
+    moved = full_attention_both_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))[1].to_numpy()
+    assert np.abs(moved - _reference_full_attention(q, k, v)).max() < 0.02
+    assert np.abs(moved[-1] - bf16[-1]).max() > 0.05 or rows == 1
+
+
 @pytest.mark.parametrize("capacity,filled", [
     (448, [0] * 5), (448, [299] * 5), (20, [19, 19]), (64, [33, 0, 5, 63, 17, 1, 40]), (448, [447, 0, 222])])
 def test_cached_query_attention_extends_the_cache_in_place(kernel_graphs, capacity, filled):
@@ -460,11 +510,13 @@ def test_quantize_rows_gives_each_64_values_of_a_row_their_own_scale(kernel_grap
     assert q[4, 7] == 255 and error[4, :64].max() > 10 * error[4, 64:].max()
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 64), (7, 384, 128), (13, 1536, 192), (1500, 384, 384), (1501, 512, 64)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 64), (7, 384, 128), (13, 1536, 192), (100, 2048, 128), (1500, 384, 384),
+                                   (1501, 512, 64)])
 def test_dynamic_int8_matmul_sums_exactly(kernel_graphs, m, k, n):
     """Each 64 columns' integer products summed exactly, times their row scale, then the weight scale and
-    the bias: over micro-tile and thread tails (row counts off 6 and uneven halves), column tiles and
-    the encoder's widths; the VNNI path and the portable one give the same bits."""
+    the bias: over micro-tile and thread tails (row counts off 6 and 16, uneven halves), column tiles and
+    the encoder's widths; the fast path (AMX tiles for blocks of 16 rows where the CPU has them and Linux
+    grants them, VNNI for the rest) and the portable one give the same bits."""
     rng = np.random.default_rng(m + k + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
     weight = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)

@@ -6,10 +6,11 @@ fp32 accumulation (CPU; reads the weight as fp16 = half the bytes of fp32).
 ``int8_weight_matmul(x, w, scale)``: the same over int8 weights with one scale per 64 rows of a column;
 ``int8_panel_matmul(x, w, scale)`` from the int8 weight in panels.
 ``quantize_rows(x)`` and ``dynamic_int8_matmul(q, q_scale, w, w_scale, bias)``: int8 activations times
-int8 weights, summed exactly in int32 (AVX-512 VNNI where the CPU has it), for the int8 build's encoder.
+int8 weights, summed exactly in int32 (AMX tiles or AVX-512 VNNI where the CPU has them), for the int8 build's encoder.
 ``int8_logits(hidden, q, q_scale, w, w_scale, embedding, margin)``: the int8 build's logits the same way,
 those near each row's best recomputed in fp32 from the embedding's fp16 rows.
-``full_attention(q, k, v)``: the encoder's self-attention over every row, fused (scores stay in cache).
+``full_attention(q, k, v)``: the encoder's self-attention over every row, fused (scores stay in cache);
+``full_attention(q, k, v, bf16=True)``: the same with its products in bf16 AMX tiles (the int8 build's encoder).
 
 Usage::
 
@@ -47,6 +48,7 @@ GROUPED_ATTENTION_OP_NAME = "grouped_query_attention"
 GROUPED_ATTENTION_F16KV_OP_NAME = "grouped_query_attention_f16kv"
 CACHED_ATTENTION_OP_NAME = "cached_query_attention"
 FULL_ATTENTION_OP_NAME = "full_attention"
+FULL_ATTENTION_BF16_OP_NAME = "full_attention_bf16"
 QUANTIZE_ROWS_OP_NAME = "quantize_rows"
 DYNAMIC_INT8_OP_NAME = "dynamic_int8_matmul"
 INT8_LOGITS_OP_NAME = "int8_logits"
@@ -153,8 +155,10 @@ def dynamic_int8_matmul(q: TensorValue, q_scale: TensorValue, w: TensorValue, w_
 
     w is the int8 [K, N] weight packed in column tiles of 64: [N / 64, K * 64], element
     [t, g * 256 + c * 4 + j] = w[4g + j, 64t + c] (runtime/engine.py packs it); w_scale [N] and
-    bias [N] float32. N must be a multiple of 64, K of 4. AVX-512 VNNI when the CPU has it, else
-    (or with ``portable``, for tests) the same sums in widened integer arithmetic. CPU only; needs
+    bias [N] float32. N must be a multiple of 64, K of 4. AMX tiles for blocks of 16 rows when the CPU
+    has them and Linux grants this process their state (groups of 64 columns), AVX-512 VNNI when the CPU
+    has it, else (or with ``portable``, for tests) the same sums in widened integer arithmetic: the same
+    bits on every path. CPU only; needs
     ``custom_extensions=[KERNELS_PATH]``.
     """
     q, q_scale, w, w_scale, bias = (TensorValue(v) for v in (q, q_scale, w, w_scale, bias))
@@ -232,11 +236,14 @@ def grouped_query_attention(q: TensorValue, k_t: TensorValue, v: TensorValue, kv
     return ops.custom(name, device=DeviceRef.CPU(), values=[q, k_t, v, kv_rows], out_types=[out_type])[0].tensor
 
 
-def full_attention(q: TensorValue, k: TensorValue, v: TensorValue) -> TensorValue:
+def full_attention(q: TensorValue, k: TensorValue, v: TensorValue, bf16: bool = False) -> TensorValue:
     """softmax(q_h @ k_h^T / 8) @ v_h for every head h and every query row, the heads side by side in
     the last axis: q, k, v [B, N, H * 64] (the linears' layout) -> [B, N, H * 64]; each row attends to
     all N rows of its batch entry (the encoder's self-attention). float32; B and N may be symbolic.
-    CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
+    bf16: where the CPU has AMX and Linux grants this process its tiles, both products in bf16 tiles
+    summed in fp32 (q / 8, k, v and the softmax's weights rounded to bf16: about 1e-2 of the largest
+    value off float64, where the fp32 op is 2e-6), else the fp32 op's computation. CPU only; needs
+    ``custom_extensions=[KERNELS_PATH]``.
     """
     q, k, v = TensorValue(q), TensorValue(k), TensorValue(v)
     if q.rank != 3 or k.rank != 3 or v.rank != 3:
@@ -245,8 +252,8 @@ def full_attention(q: TensorValue, k: TensorValue, v: TensorValue) -> TensorValu
         raise TypeError("full_attention computes in float32")
     if not isinstance(q.shape[2], StaticDim) or int(q.shape[2]) % ATTENTION_HEAD_DIM:
         raise ValueError(f"full_attention: {q.shape[2]} is not a static multiple of the head width {ATTENTION_HEAD_DIM}")
-    return ops.custom(FULL_ATTENTION_OP_NAME, device=DeviceRef.CPU(), values=[q, k, v],
-                      out_types=[TensorType(DType.float32, q.shape, device=DeviceRef.CPU())])[0].tensor
+    return ops.custom(FULL_ATTENTION_BF16_OP_NAME if bf16 else FULL_ATTENTION_OP_NAME, device=DeviceRef.CPU(),
+                      values=[q, k, v], out_types=[TensorType(DType.float32, q.shape, device=DeviceRef.CPU())])[0].tensor
 
 
 def cached_query_attention(k_cache: BufferValue, v_cache: BufferValue, q: TensorValue, k: TensorValue,

@@ -26,13 +26,21 @@
 # (about 512 KB of q, to stay in L2), and within a block every column tile (its weight panel stays
 # in L1/L2) over every 6-row micro tile: 6 x 4 int32 zmm accumulators. Measured on a 2-core AMD
 # EPYC (AVX-512 VNNI), 1500 rows: 2.3-3.6x MAX's fp32 matmul on the encoder's shapes.
+#
+# Where the CPU has AMX (Intel Sapphire Rapids and later) and Linux grants this process its tile
+# state, whole blocks of 16 rows take the same integer sums from AMX's tile multiply instead
+# (tdpbusd: the same unsigned x signed byte products, summed exactly in int32), one scale group
+# (64 columns of q: one A tile's row) at a time, then the same float operations in the same order:
+# the same bits as the VNNI path. The rows left over (fewer than 16) take the VNNI micro tiles.
 from std.math import ceildiv
 from std.memory import bitcast
+from std.memory.alloc import unsafe_alloc
 from std.sys import CompilationTarget, llvm_intrinsic
 from max.algorithm import sync_parallelize
 from max.runtime.asyncrt import parallelism_level
 from max.gpu.host import DeviceContext
 from extensibility import InputTensor, OutputTensor, register
+from .amx import AMX_ROWS, amx_configure, amx_granted, amx_release, tile_dpbusd, tile_load, tile_store, tile_zero
 
 comptime LANES = 16  # int32 / fp32 lanes per zmm
 comptime TILE_VECTORS = 4  # zmm vectors per column tile
@@ -186,6 +194,10 @@ def _cpu_dynamic_int8_matmul[PORTABLE: Bool](
     N: Int,
     G: Int,
 ) raises:
+    comptime if not PORTABLE:
+        if M >= AMX_ROWS and K == G * AMX_GROUP_BYTES and amx_granted():
+            _cpu_amx_int8_matmul(qp, sp, wp, wsp, bp, op, M, K, N, G)
+            return
     var ntiles = N // TILE_COLUMNS
     var nthreads = max(1, min(parallelism_level(None), ceildiv(M, MICRO_ROWS)))
     var rows_per = ceildiv(ceildiv(M, nthreads), MICRO_ROWS) * MICRO_ROWS
@@ -203,6 +215,127 @@ def _cpu_dynamic_int8_matmul[PORTABLE: Bool](
                 _dynamic_column_sums[PORTABLE](wp, K, G, t, colsum)
                 _dynamic_rows[PORTABLE, True](qp, sp, wp, wsp, bp, op, cs, b0, b1, K, G, t, N, t * TILE_COLUMNS)
             b0 = b1
+
+    sync_parallelize(work, nthreads)
+
+
+# ---------------------------------------------------------------------------- AMX (amx.mojo)
+comptime AMX_GROUP_BYTES = 64  # bytes of an A tile's row: one scale group of q
+comptime AMX_SUMS = AMX_ROWS * TILE_COLUMNS  # int32 sums of one group over a 16-row block of a column tile
+
+
+@always_inline
+def _amx_block(
+    qp: Pointer[UInt8, MutAnyOrigin],
+    sp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Int8, MutAnyOrigin],
+    wsp: Pointer[Float32, MutAnyOrigin],
+    bp: Pointer[Float32, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    colsum: Pointer[SIMD[DType.int32, LANES], _],
+    sums: Pointer[Int32, MutAnyOrigin],
+    scaled: Pointer[Float32, MutAnyOrigin],
+    m0: Int,
+    K: Int,
+    G: Int,
+    t: Int,
+    N: Int,
+):
+    """Rows m0..m0+16 of column tile t into op (rows N apart): per scale group, the 16 x 64 exact sums
+    from four tile multiplies (A: the group's 64 bytes of 16 rows of q; B: the packed panel's 16 groups
+    of four rows, 16 columns each), then _dynamic_micro_tile's float operations in its order.
+    sums: 2 x AMX_SUMS int32, scaled: AMX_SUMS float32 (contiguous: the output's 16 rows, 8 KB apart at
+    N = 2048, fell in one set of L1 and evicted each other)."""
+    var panel = wp.unsafe_offset(t * K * TILE_COLUMNS)
+    var qbytes = qp.unsafe_bitcast[Int8]()
+    comptime B_STRIDE = 4 * TILE_COLUMNS  # bytes from one group of four rows of the panel to the next
+    # Group grp's sums are stored into one half of `sums` while the other half's (group grp - 1,
+    # stored an iteration earlier) are scaled: the tile unit multiplies while the vector units scale,
+    # and no load reads what a tile store has only just written (a stall of ~20 cycles a load).
+    for grp in range(G + 1):
+        if grp < G:
+            tile_zero[0]()
+            tile_zero[1]()
+            tile_zero[2]()
+            tile_zero[3]()
+            tile_load[4](qbytes.unsafe_offset(m0 * K + grp * AMX_GROUP_BYTES), K)
+            var b = panel.unsafe_offset(grp * (AMX_GROUP_BYTES // 4) * B_STRIDE)
+            tile_load[5](b, B_STRIDE)
+            tile_dpbusd[0, 4, 5]()
+            tile_load[6](b.unsafe_offset(64), B_STRIDE)
+            tile_dpbusd[1, 4, 6]()
+            tile_load[7](b.unsafe_offset(128), B_STRIDE)
+            tile_dpbusd[2, 4, 7]()
+            tile_load[5](b.unsafe_offset(192), B_STRIDE)
+            tile_dpbusd[3, 4, 5]()
+        if grp > 0:
+            var prev = grp - 1
+            var done = sums.unsafe_offset((prev % 2) * AMX_SUMS)
+            comptime for v in range(TILE_VECTORS):
+                var offset = colsum[unsafe_offset=prev * TILE_VECTORS + v] * OFFSET
+                for m in range(AMX_ROWS):
+                    var scale = SIMD[DType.float32, LANES](sp[unsafe_offset=(m0 + m) * G + prev])
+                    var at = m * TILE_COLUMNS + v * LANES
+                    var part = (done.unsafe_load[width=LANES](at) - offset).cast[DType.float32]()
+                    if prev == 0:
+                        scaled.unsafe_store(at, part * scale)
+                    else:
+                        scaled.unsafe_store(at, part.fma(scale, scaled.unsafe_load[width=LANES](at)))
+        if grp < G:
+            var into = sums.unsafe_offset((grp % 2) * AMX_SUMS)
+            tile_store[0](into, B_STRIDE)
+            tile_store[1](into.unsafe_offset(LANES), B_STRIDE)
+            tile_store[2](into.unsafe_offset(2 * LANES), B_STRIDE)
+            tile_store[3](into.unsafe_offset(3 * LANES), B_STRIDE)
+    comptime for v in range(TILE_VECTORS):
+        var ws = wsp.unsafe_load[width=LANES](t * TILE_COLUMNS + v * LANES)
+        var bias = bp.unsafe_load[width=LANES](t * TILE_COLUMNS + v * LANES)
+        for m in range(AMX_ROWS):
+            var at = (m0 + m) * N + t * TILE_COLUMNS + v * LANES
+            op.unsafe_store(at, scaled.unsafe_load[width=LANES](m * TILE_COLUMNS + v * LANES).fma(ws, bias))
+
+
+def _cpu_amx_int8_matmul(
+    qp: Pointer[UInt8, MutAnyOrigin],
+    sp: Pointer[Float32, MutAnyOrigin],
+    wp: Pointer[Int8, MutAnyOrigin],
+    wsp: Pointer[Float32, MutAnyOrigin],
+    bp: Pointer[Float32, MutAnyOrigin],
+    op: Pointer[Float32, MutAnyOrigin],
+    M: Int,
+    K: Int,
+    N: Int,
+    G: Int,
+) raises:
+    """_cpu_dynamic_int8_matmul's product, the same bits: blocks of 16 rows from AMX, the rest of each
+    thread's rows from the VNNI micro tiles. K = 64 G; AMX granted (amx_granted)."""
+    var ntiles = N // TILE_COLUMNS
+    var nthreads = max(1, min(parallelism_level(None), ceildiv(M, AMX_ROWS)))
+    var rows_per = ceildiv(ceildiv(M, nthreads), AMX_ROWS) * AMX_ROWS
+    var block = max(AMX_ROWS, (BLOCK_BYTES // K) // AMX_ROWS * AMX_ROWS)
+
+    def work(tid: Int) raises {var}:
+        var colsum = Array[SIMD[DType.int32, LANES], TILE_VECTORS * MAX_GROUPS](fill=0)
+        var cs = colsum.unsafe_ptr()
+        var mem = unsafe_alloc[Int32](3 * AMX_SUMS + 16, alignment=64)
+        var sums = mem.unsafe_origin_cast[MutAnyOrigin]()
+        var scaled = sums.unsafe_offset(2 * AMX_SUMS).unsafe_bitcast[Float32]()
+        amx_configure(sums.unsafe_offset(3 * AMX_SUMS).unsafe_bitcast[UInt8]())  # the tile configuration is per thread
+        var r0 = tid * rows_per
+        var r1 = min(r0 + rows_per, M)
+        var b0 = r0
+        while b0 < r1:
+            var b1 = min(b0 + block, r1)
+            var whole = b0 + (b1 - b0) // AMX_ROWS * AMX_ROWS
+            for t in range(ntiles):
+                _dynamic_column_sums[False](wp, K, G, t, colsum)
+                for m0 in range(b0, whole, AMX_ROWS):
+                    _amx_block(qp, sp, wp, wsp, bp, op, cs, sums, scaled, m0, K, G, t, N)
+                if whole < b1:
+                    _dynamic_rows[False, True](qp, sp, wp, wsp, bp, op, cs, whole, b1, K, G, t, N, t * TILE_COLUMNS)
+            b0 = b1
+        amx_release()  # the thread's tiles back to their initial state: a context switch then saves none
+        mem.unsafe_free()
 
     sync_parallelize(work, nthreads)
 
