@@ -179,6 +179,7 @@ def test_grouped_query_attention_refuses_a_row_outside_the_audio(kernel_graphs):
 
 @pytest.fixture(scope="module")
 def full_attention_graph():
+    """The fp32 op and the bf16 one (the int8 build's encoder) on the same inputs: outputs (fp32, bf16)."""
     from max.driver import CPU
     from max.dtype import DType
     from max.engine import InferenceSession
@@ -188,7 +189,8 @@ def full_attention_graph():
 
     rows = TensorType(DType.float32, ["batch", "rows", HEADS * HEAD_DIM], DeviceRef.CPU())
     with Graph("full_attention_kernel", input_types=[rows] * 3, custom_extensions=[KERNELS_PATH]) as graph:
-        graph.output(full_attention(*(v.tensor for v in graph.inputs)))
+        q, k, v = (v.tensor for v in graph.inputs)
+        graph.output(full_attention(q, k, v), full_attention(q, k, v, bf16=True))
     return InferenceSession(devices=[CPU()]).load(graph)
 
 
@@ -210,7 +212,7 @@ def test_full_attention_matches_numpy(full_attention_graph, batch, rows):
 
     rng = np.random.default_rng(rows)
     q, k, v = (rng.standard_normal((batch, rows, HEADS * HEAD_DIM)).astype(np.float32) for _ in range(3))
-    (out,) = full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))
+    out, _ = full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))
     assert np.abs(out.to_numpy() - _reference_full_attention(q, k, v)).max() < TOLERANCE
 
 
@@ -225,27 +227,10 @@ def test_full_attention_softmax_is_over_the_real_keys_only(full_attention_graph)
     k = -np.abs(rng.standard_normal((1, rows, HEADS * HEAD_DIM))).astype(np.float32) * 8  # scores -500..-200
     v = rng.standard_normal((1, rows, HEADS * HEAD_DIM)).astype(np.float32)
     reference = _reference_full_attention(q, k, v)
-    (out,) = full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))
+    out, _ = full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))
     assert np.isfinite(out.to_numpy()).all()
     # scores this large carry fp32 rounding of ~3e-5 each (6e-5 observed in the output)
     assert np.abs(out.to_numpy() - reference).max() < 1e-3
-
-
-@pytest.fixture(scope="module")
-def full_attention_both_graph():
-    """The fp32 op and the bf16 one (the int8 build's encoder) on the same inputs."""
-    from max.driver import CPU
-    from max.dtype import DType
-    from max.engine import InferenceSession
-    from max.graph import DeviceRef, Graph, TensorType
-
-    from graph_builders.kernels import KERNELS_PATH, full_attention
-
-    rows = TensorType(DType.float32, ["batch", "rows", HEADS * HEAD_DIM], DeviceRef.CPU())
-    with Graph("full_attention_both", input_types=[rows] * 3, custom_extensions=[KERNELS_PATH]) as graph:
-        q, k, v = (v.tensor for v in graph.inputs)
-        graph.output(full_attention(q, k, v), full_attention(q, k, v, bf16=True))
-    return InferenceSession(devices=[CPU()]).load(graph)
 
 
 def _cpu_has_amx() -> bool:
@@ -258,14 +243,14 @@ def _cpu_has_amx() -> bool:
 
 # rows on and off the tiles' 16 rows, the packed key blocks (16, passes of 64) and value blocks (32)
 @pytest.mark.parametrize("batch,rows", [(1, 1), (2, 37), (1, 100), (3, 64), (1, 1500)])
-def test_full_attention_bf16_is_the_attention_to_bf16_rounding(full_attention_both_graph, batch, rows):
+def test_full_attention_bf16_is_the_attention_to_bf16_rounding(full_attention_graph, batch, rows):
     """With AMX (bf16 tiles): within bf16 rounding of float64 (inputs and weights rounded to 8 bits of
     mantissa, sums fp32), and not the fp32 op's bits; without AMX: the fp32 op's computation, bit for bit."""
     from max.driver import Buffer
 
     rng = np.random.default_rng(rows)
     q, k, v = (rng.standard_normal((batch, rows, HEADS * HEAD_DIM)).astype(np.float32) for _ in range(3))
-    fp32, bf16 = (o.to_numpy() for o in full_attention_both_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v))))
+    fp32, bf16 = (o.to_numpy() for o in full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v))))
     reference = _reference_full_attention(q, k, v)
     error = np.abs(bf16 - reference)
     if _cpu_has_amx():
@@ -276,7 +261,7 @@ def test_full_attention_bf16_is_the_attention_to_bf16_rounding(full_attention_bo
     # every query row, key and value of every head counts: one row's keys left out or misplaced moves
     # its batch entry's outputs far past that
     k[-1, rows // 2] += 3
-    moved = full_attention_both_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))[1].to_numpy()
+    moved = full_attention_graph.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))[1].to_numpy()
     assert np.abs(moved - _reference_full_attention(q, k, v)).max() < 0.02
     assert np.abs(moved[-1] - bf16[-1]).max() > 0.05 or rows == 1
 

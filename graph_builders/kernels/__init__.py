@@ -158,8 +158,7 @@ def dynamic_int8_matmul(q: TensorValue, q_scale: TensorValue, w: TensorValue, w_
     bias [N] float32. N must be a multiple of 64, K of 4. AMX tiles for blocks of 16 rows when the CPU
     has them and Linux grants this process their state (groups of 64 columns), AVX-512 VNNI when the CPU
     has it, else (or with ``portable``, for tests) the same sums in widened integer arithmetic: the same
-    bits on every path. CPU only; needs
-    ``custom_extensions=[KERNELS_PATH]``.
+    bits on every path. CPU only; needs ``custom_extensions=[KERNELS_PATH]``.
     """
     q, q_scale, w, w_scale, bias = (TensorValue(v) for v in (q, q_scale, w, w_scale, bias))
     if q.rank != 2 or w.rank != 2 or q_scale.rank != 2 or w_scale.rank != 1 or bias.rank != 1:
