@@ -311,6 +311,28 @@ def _padded_signal(audio: np.ndarray, n: int, lo: int, hi: int, offset: int = 0,
     return block
 
 
+_blas_threads = None  # threadpoolctl's controller of the BLAS numpy loaded, made on first use
+
+
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs on the calling thread alone.
+
+    The Mel projection is numpy's only BLAS call here, and a small one (80 x 201 by a block's frames).
+    On more threads OpenBLAS's helper threads busy-wait for their next job after it, on the cores the
+    log-mel's FFTs, ffmpeg and then MAX's workers running the first windows need: on 2 cores about a
+    quarter of a CPU second of spinning per transcription (perf, tiny.en, lecture-en.flac), for no
+    speed-up of the product itself. One thread gives the same bits (each output element is one
+    thread's dot product either way). The limit is process-wide while it lasts (BLAS has no
+    per-thread setting); it is put back on exit.
+    """
+    global _blas_threads
+    if _blas_threads is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_threads = ThreadpoolController()
+    return _blas_threads.limit(limits=1, user_api="blas")
+
+
 def _log_mel_block(x: np.ndarray, n_frames: int, filters64: np.ndarray) -> np.ndarray:
     """log10 of the Mel power of `n_frames` frames (HOP_LENGTH apart) of the padded signal stretch `x`:
     float32 [n_mels, n_frames], before the clamp and scaling that need the whole spectrogram."""
@@ -325,7 +347,8 @@ def _log_mel_block(x: np.ndarray, n_frames: int, filters64: np.ndarray) -> np.nd
         # float32 samples widened to float64 here give the numbers a float64 signal would
         spectrum = np.fft.rfft(frames[first:first + _FFT_ROWS].astype(np.float64) * window, axis=-1)
         power[first:first + _FFT_ROWS] = spectrum.real**2 + spectrum.imag**2
-    mel = filters64 @ power.T  # [n_mels, frames]
+    with _one_blas_thread():
+        mel = filters64 @ power.T  # [n_mels, frames]
     del power
     np.maximum(mel, 1e-10, out=mel)
     return np.log10(mel, out=mel).astype(np.float32)

@@ -74,8 +74,8 @@ class ContinuousDecoder:
         tokens = np.asarray(task.initial_tokens, dtype=np.int64)[None]
         out = self.batch.join(features, tokens[0], task.prefill_logit_positions(tokens.shape[1]))
         no_speech_probs, logits = task.first_logits(out)
-        row = _Row(owner, task, GreedyDecoder(0.0, task.tokenizer.eot), tokens, np.zeros(1, dtype=np.float32),
-                   no_speech_probs)
+        decoder = GreedyDecoder(0.0, task.tokenizer.eot, normalizers=task.normalizers)
+        row = _Row(owner, task, decoder, tokens, np.zeros(1, dtype=np.float32), no_speech_probs)
         row.tokens, stop = task.advance(row.decoder, row.tokens, logits, row.sum_logprobs)
         self.rows.append(row)
         if stop or row.sampled >= task.sample_len:

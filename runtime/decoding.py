@@ -10,9 +10,10 @@ ApplyTimestampRules), greedy, sampling and beam search decoders, ranking, and th
 Numerics follow openai-whisper: the cumulative log-probabilities accumulate in float32 as its
 torch tensor does, and avg_logprob = sum / (len(tokens) + 1) in float64. Log-softmax and the
 timestamp-rule comparison are computed in float64 (torch: float32), so a decision can only differ
-from openai-whisper's when two values tie to within float32 rounding. Beam search and the
-timestamp rule compute the log-softmax's normalizer per row, then its values only where they look
-(a few candidates, the timestamps): the same bits as the whole log-softmax would give there.
+from openai-whisper's when two values tie to within float32 rounding. The timestamp rule computes
+the log-softmax's normalizer per row, then its values only where it looks (the timestamps), and hands
+the normalizers to the token decoder, which reads the values of a few candidates (beam search) or of
+the chosen token (greedy) from them: the same bits as the whole log-softmax would give there.
 
 Sampling (temperature > 0) draws from softmax(logits / T) with a numpy Generator (Gumbel-max);
 it is the same distribution as torch's `Categorical(logits=logits / T).sample()`, but not the same
@@ -198,8 +199,9 @@ class _WorkArray:
 
 class _StepNormalizers:
     """One step's float64 log-softmax terms (_log_softmax_terms), handed from the timestamp rule, which
-    computes them for every row, to beam search, which needs them for the same logits after the rule:
-    a second pass of float64 exp over the vocabulary saved each step (5 rows: ~0.5 ms). The rows whose
+    computes them for every row, to the token decoder, which needs them for the same logits after the rule
+    (beam search's candidates, greedy decoding's chosen token): a second pass of exp over the vocabulary
+    saved each step (beam search, 5 rows: ~0.5 ms; greedy, 1 row: ~50 us). The rows whose
     text the rule then masked are computed again; the others are the same values the decoder would
     compute (the same function on the same row: numpy's row reductions do not depend on other rows)."""
 
@@ -209,6 +211,10 @@ class _StepNormalizers:
     def keep(self, logits: np.ndarray, peak: np.ndarray, log_total: np.ndarray, changed: np.ndarray) -> None:
         """The terms of `logits` as they were before the rows `changed` (a boolean row mask) were changed."""
         self._logits, self._peak, self._log_total, self._changed = logits, peak, log_total, changed
+
+    def holds(self, logits: np.ndarray) -> bool:
+        """Whether terms were kept for this very array (the timestamp rule ran on it)."""
+        return self._logits is logits
 
     def terms(self, logits: np.ndarray, work: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """_log_softmax_terms(logits, work), from what was kept for this very array where there is."""
@@ -225,10 +231,11 @@ class _StepNormalizers:
 def _chosen_logprobs(logits: np.ndarray, chosen: np.ndarray, work: Optional[np.ndarray] = None) -> np.ndarray:
     """log_softmax(logits)[row, chosen[row]] as float32, without the full log-softmax.
 
-    Greedy decoding needs one log-probability per row: logit - logsumexp(row). float64 sums, as
-    log_softmax's, but only one pass of exp over the vocabulary (the full float64 log-softmax
-    cost ~1 ms a row, as much as a decoder step for a batch of six). work: an array of logits'
-    shape and dtype to compute in (overwritten), from a _WorkArray.
+    Greedy decoding needs one log-probability per row: logit - logsumexp(row). Where the timestamp
+    rule ran on the logits it reads the rule's float64 terms instead (GreedyDecoder.update); here,
+    without timestamps: float64 sums, as log_softmax's, but only one pass of float32 exp over the
+    vocabulary (the full float64 log-softmax cost ~1 ms a row, as much as a decoder step for a batch
+    of six). work: an array of logits' shape and dtype to compute in (overwritten), from a _WorkArray.
     """
     rows = np.arange(logits.shape[0])
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -356,7 +363,7 @@ class ApplyTimestampRules(LogitFilter):
         self.tokenizer = tokenizer
         self.sample_begin = sample_begin
         self.max_initial_timestamp_index = max_initial_timestamp_index
-        self.normalizers = normalizers  # where the last rule's log-softmax terms go (beam search's)
+        self.normalizers = normalizers  # where the last rule's log-softmax terms go (the token decoder's)
         self._work = _WorkArray()
 
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
@@ -434,10 +441,12 @@ class TokenDecoder:
 class GreedyDecoder(TokenDecoder):
     """Argmax at temperature 0, otherwise a sample from softmax(logits / temperature)."""
 
-    def __init__(self, temperature: float, eot: int, rng: Optional[np.random.Generator] = None):
+    def __init__(self, temperature: float, eot: int, rng: Optional[np.random.Generator] = None,
+                 normalizers: Optional[_StepNormalizers] = None):
         self.temperature = float(temperature)
         self.eot = eot
         self.rng = rng
+        self.normalizers = normalizers  # the timestamp rule's log-softmax terms of the same logits
         self._work = _WorkArray()
 
     def _sample(self, logits: np.ndarray) -> np.ndarray:
@@ -451,7 +460,13 @@ class GreedyDecoder(TokenDecoder):
 
     def update(self, tokens, logits, sum_logprobs):
         next_tokens = self._sample(logits).astype(np.int64)
-        current = _chosen_logprobs(logits, next_tokens, self._work(logits.shape, logits.dtype))
+        if self.normalizers is not None and self.normalizers.holds(logits):
+            # the rule's float64 terms: the chosen tokens' log_softmax values without another pass of exp
+            peak, log_total = self.normalizers.terms(logits, self._work(logits.shape))
+            chosen = logits[np.arange(len(logits)), next_tokens][:, None]
+            current = _log_softmax_at(chosen, peak, log_total)[:, 0].astype(np.float32)
+        else:
+            current = _chosen_logprobs(logits, next_tokens, self._work(logits.shape, logits.dtype))
         running = tokens[:, -1] != self.eot
         sum_logprobs[running] += current[running]
 
@@ -743,8 +758,8 @@ class DecodingTask:
         self.ranker = MaximumLikelihoodRanker(options.length_penalty)
         self.rng = rng
 
-        # the timestamp rule's log-softmax terms, for beam search's step on the same logits
-        self.normalizers = _StepNormalizers() if options.beam_size is not None else None
+        # the timestamp rule's log-softmax terms, for the token decoder's update on the same logits
+        self.normalizers = _StepNormalizers()
         self.logit_filters: List[LogitFilter] = []
         if options.suppress_blank:
             self.logit_filters.append(SuppressBlank(self.tokenizer, self.sample_begin))
@@ -807,7 +822,7 @@ class DecodingTask:
             return BeamSearchDecoder(self.options.beam_size, self.tokenizer.eot, session.reorder,
                                      self.options.patience, self.normalizers,
                                      drops_rows=getattr(session, "drops_rows", False))
-        return GreedyDecoder(self.options.temperature, self.tokenizer.eot, self.rng)
+        return GreedyDecoder(self.options.temperature, self.tokenizer.eot, self.rng, self.normalizers)
 
     def _main_loop(self, session: DecoderSession, decoder: TokenDecoder, tokens: np.ndarray):
         n_batch = tokens.shape[0]

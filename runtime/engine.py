@@ -512,6 +512,8 @@ class MaxDecoderSession:
         their tokens differ: the step reads those once from the prefix row's cache for all the audio's
         rows (beams share the prompt and most of what they decoded; the class's docstring says why the
         values are the same)."""
+        if len(self.kv_rows) == 1:  # one row (greedy decoding of one window): its own prefix, whole
+            return np.zeros(1, dtype=np.int64), np.full(1, self.length, dtype=np.int64)
         _, first_rows, audio_of_row = np.unique(self.kv_rows, return_index=True, return_inverse=True)
         prefix_rows = first_rows[audio_of_row].astype(np.int64)
         n = self.length

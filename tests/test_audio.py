@@ -487,3 +487,37 @@ def test_spooled_log_mel_memory_does_not_grow_with_the_audio(speech_samples):
     assert whole_bytes > 55e6
     assert peaks[30] < 32e6 and peaks[30] < whole_bytes / 2, peaks
     assert peaks[30] < peaks[5] + 4e6, peaks  # no growth with the length
+
+
+def test_the_mel_projection_runs_on_one_blas_thread_and_gives_the_same_bits(monkeypatch):
+    """numpy's BLAS runs the Mel projection on the calling thread alone (its helper threads would
+    busy-wait on the cores the transcription needs next), then gets its thread count back; one
+    thread or several, the log-mel has the same bits."""
+    import contextlib
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "numpy's BLAS not found by threadpoolctl"
+    seen = []
+    limit = audio._one_blas_thread
+
+    def watched():
+        context = limit()
+        seen.append(context)
+        return context
+
+    filters = whisper_audio.mel_filters("cpu", 80).numpy()
+    samples = np.random.default_rng(0).normal(0.0, 0.1, 3 * audio.SAMPLE_RATE).astype(np.float32)
+    with audio._one_blas_thread():
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
+    monkeypatch.setattr(audio, "_one_blas_thread", watched)
+    limited = log_mel_spectrogram(samples, filters)
+    assert seen  # the projection went through the limit
+    monkeypatch.setattr(audio, "_one_blas_thread", contextlib.nullcontext)
+    np.testing.assert_array_equal(limited, log_mel_spectrogram(samples, filters))
+    assert blas_threads() == before

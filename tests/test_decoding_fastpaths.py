@@ -474,6 +474,43 @@ def test_beam_search_takes_the_timestamp_rules_normalizers_bit_for_bit(n_sampled
     assert changed > 0 and kept > 0  # both kinds of rows were taken
 
 
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_greedy_takes_the_timestamp_rules_normalizers_bit_for_bit(temperature):
+    """Greedy decoding reads its chosen tokens' log-probabilities from the timestamp rule's float64 terms
+    (rows whose text the rule masked computed again): float32 of the whole float64 log-softmax there, bit
+    for bit, summed into the running rows only. Logits the rule did not see take the float32-exp path."""
+    rng = np.random.default_rng(7)
+    normalizers = rd._StepNormalizers()
+    rule = rd.ApplyTimestampRules(TOKENIZER, SAMPLE_BEGIN, None, normalizers)
+    changed = 0
+    for n_sampled, n_rows in ((0, 1), (2, 6), (5, 12)):
+        decoder = rd.GreedyDecoder(temperature, TOKENIZER.eot, np.random.default_rng(n_sampled), normalizers)
+        twin = rd.GreedyDecoder(temperature, TOKENIZER.eot, np.random.default_rng(n_sampled))
+        tokens = histories(rng, max(n_rows, 4), n_sampled)[:n_rows]
+        tokens[0, -1] = TOKENIZER.eot  # a finished row: its sum stays
+        logits = timestamp_logits(rng, 4)[:1] if n_rows == 1 else np.concatenate(
+            [timestamp_logits(rng, 4), rng.normal(0.0, 2.0, (n_rows - 4, N_VOCAB)).astype(np.float32)])
+        logits[-1, TOKENIZER.timestamp_begin:] += 12.0  # timestamps far more probable: its text is masked
+        rule.apply(logits, tokens)
+        changed += int(normalizers._changed.sum())
+        sums = rng.normal(-5.0, 1.0, n_rows).astype(np.float32)
+        expected_sums, twin_sums, twin_expected = sums.copy(), sums.copy(), sums.copy()
+        new_tokens, _ = decoder.update(tokens, logits, sums)
+        assert normalizers._logits is None  # used once
+        chosen = new_tokens[:, -1]
+        running = tokens[:, -1] != TOKENIZER.eot
+        full = rd.log_softmax(logits)[np.arange(n_rows), chosen].astype(np.float32)
+        expected_sums[running] += full[running]
+        assert_same_bits(sums, expected_sums)
+        # the same logits again, not handed by the rule: the float32-exp path, the same tokens
+        twin_tokens, _ = twin.update(tokens, logits, twin_sums)
+        np.testing.assert_array_equal(twin_tokens, new_tokens)
+        twin_expected[running] += reference_chosen_logprobs(logits, chosen)[running]
+        assert_same_bits(twin_sums, twin_expected)
+    assert changed > 0
+
+
 def test_timestamp_rules_cases_by_name():
     """At sample_begin, after a lone timestamp, after a pair, after text: each rule's mask."""
     begin, eot = TOKENIZER.timestamp_begin, TOKENIZER.eot
