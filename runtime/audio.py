@@ -323,7 +323,8 @@ def _one_blas_thread():
     quarter of a CPU second of spinning per transcription (perf, tiny.en, lecture-en.flac), for no
     speed-up of the product itself. One thread gives the same bits (each output element is one
     thread's dot product either way). The limit is process-wide while it lasts (BLAS has no
-    per-thread setting); it is put back on exit.
+    per-thread setting); it is put back on exit, except that two threads computing log-mels at once
+    (the server) can leave it at one thread: harmless, the runtime makes no other BLAS call.
     """
     global _blas_threads
     if _blas_threads is None:

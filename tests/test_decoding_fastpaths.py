@@ -474,7 +474,6 @@ def test_beam_search_takes_the_timestamp_rules_normalizers_bit_for_bit(n_sampled
     assert changed > 0 and kept > 0  # both kinds of rows were taken
 
 
-
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_greedy_takes_the_timestamp_rules_normalizers_bit_for_bit(temperature):
     """Greedy decoding reads its chosen tokens' log-probabilities from the timestamp rule's float64 terms
