@@ -331,7 +331,7 @@ class SuppressBlank(LogitFilter):
 
     def __init__(self, tokenizer: Tokenizer, sample_begin: int):
         self.sample_begin = sample_begin
-        self.blank = list(tokenizer.encode(" ")) + [tokenizer.eot]
+        self.blank = list(tokenizer.encode_fixed(" ")) + [tokenizer.eot]
 
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
         if tokens.shape[1] == self.sample_begin:

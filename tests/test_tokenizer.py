@@ -108,6 +108,26 @@ def test_special_text_needs_allowed_special():
 
 
 @pytest.mark.parametrize("multilingual", [True, False])
+def test_the_decoders_own_strings_skip_the_special_token_check(multilingual):
+    """encode_fixed gives encode's ids without tiktoken's search for special tokens, whose regex of all of
+    them is compiled on first use: ~75 ms before the first token of every transcription that took it."""
+    import tiktoken.core
+
+    from runtime.decoding import SuppressBlank
+
+    special_token_regex = tiktoken.core._special_token_regex  # lru_cache'd: one compiled regex per token set
+    special_token_regex.cache_clear()
+    ours = rt.Tokenizer(rt.get_encoding(str(VOCAB[multilingual]), 99), 99, *(("en", "transcribe") if multilingual
+                                                                              else (None, None)))
+    suppressed = ours.non_speech_tokens
+    blank = SuppressBlank(ours, sample_begin=1).blank
+    assert special_token_regex.cache_info().currsize == 0
+    assert blank == ours.encode(" ") + [ours.eot]
+    assert special_token_regex.cache_info().currsize == 1  # encode compiles it
+    assert suppressed == pair(multilingual, 99, None, None)[1].non_speech_tokens
+
+
+@pytest.mark.parametrize("multilingual", [True, False])
 def test_timestamps_in_decoding(multilingual):
     ours, theirs = pair(multilingual, 99, None, None)
     text = ours.encode(" Hello there, général Kenobi.")
