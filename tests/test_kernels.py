@@ -376,8 +376,11 @@ def test_fp16_weight_matmul_equals_stock_fp32_matmul(kernel_graphs, m, k, n):
     assert np.abs(ours - x.astype(np.float64) @ w.astype(np.float64)).max() < 1e-4
 
 
-PANEL_SHAPES = ((384, 51865), (1536, 384), (64, 37))  # (k, n): the vocabulary's partial last panel, a 4x
-INT8_PANEL_SHAPES = ((1536, 384), (64, 128))  # the int8 build's: k and n multiples of 64
+# (k, n): the vocabulary's partial last panel, a 4x-deep one, a ragged small one; and a chunk of tiles
+# (CHUNK_BYTES) that is not a whole number of panels: (768, 3072) fp16 and (384, 4096) int8 (5 and 21 tiles a
+# chunk; n wide enough that a thread's share holds several chunks on up to 4 threads)
+PANEL_SHAPES = ((384, 51865), (1536, 384), (64, 37), (768, 3072))
+INT8_PANEL_SHAPES = ((1536, 384), (64, 128), (384, 4096))  # the int8 build's: k and n multiples of 64
 
 
 @pytest.fixture(scope="module")
@@ -412,11 +415,12 @@ def panel_matmul():
     return InferenceSession(devices=[CPU()]).load(graph)
 
 
-@pytest.mark.parametrize("m", [1, 3, 6, 40])
+@pytest.mark.parametrize("m", [1, 3, 6, 18, 40])
 def test_panel_matmuls_equal_the_row_major_products(panel_matmul, m):
     """A weight packed in panels (the runtime's "panels" transform) gives the same products bit for bit:
     fp16 MAX's own fp32 matmul, int8 int8_weight_matmul's, over one-, few- and many-row tiles, threads'
-    shares and a last panel the outputs do not fill."""
+    shares, chunks of tiles (18 int8 rows: passes of 8, 8 and 2, the last in wide tiles) and a last panel
+    the outputs do not fill."""
     from max.driver import Buffer
 
     from graph_builders.weights import int8_part, quantize, transform

@@ -185,6 +185,12 @@ def _cpu_matmul[
     # unscaled passes take at most 6 rows, in wide tiles (_tiles_mb)
     comptime MB_PASS = MB_MAX if SCALED else 6
     var chunk = max(2, CHUNK_BYTES // tile_bytes) if M > MB_PASS else ntiles
+    comptime if PACKED:
+        # Every chunk starts on a panel, as every thread's share does: a wide tile (_tiles_mb) reads its
+        # 64 columns as one panel's, so one starting mid-panel read the next k's values for half of them
+        # (an odd chunk: int8 K=384 or 1536, fp16 K=768 or 1280; found as tiny.en int8 prefills whose
+        # rows past the first 8 + 8 differed with the batch).
+        chunk = ceildiv(chunk, PANEL // TILE) * (PANEL // TILE)
 
     def work(tid: Int) raises {var}:
         var t0 = tid * tiles_per
