@@ -440,3 +440,41 @@ def test_max_session_step_reads_the_positions_beams_share_once(tiny_runtime, spe
         np.testing.assert_array_equal(shared, own, err_msg=f"step {step}")
     for shared, own in zip(shared_cache, own_cache):
         np.testing.assert_array_equal(shared, own)
+
+
+def test_max_session_prefills_row_by_row_with_one_calls_values(tiny_runtime, speech_15s, monkeypatch):
+    """On CPU a prefill of several rows (here two audios' windows) runs the graph once per row
+    (MaxDecoderSession._prefill_rows: one call over all of them held every row's intermediates at once)
+    and gives that one call's logits, self-attention caches and cross-attention keys and values, bit for
+    bit, with a prompt long enough for the matmuls' many-row passes."""
+    from runtime.audio import N_FRAMES, load_audio, log_mel_spectrogram, pad_or_trim
+
+    mel = log_mel_spectrogram(load_audio(speech_15s), tiny_runtime.mel_filters)
+    features = tiny_runtime.encode(np.stack([pad_or_trim(mel[:, start:], N_FRAMES) for start in (0, 500)]))
+    prompt = np.array([[50361, *range(300, 316), 50258, 50259, 50359, 50363],
+                       [50361, *range(400, 416), 50258, 50259, 50359, 50363]], dtype=np.int64)
+    n, positions = prompt.shape[1], [prompt.shape[1] - 2, prompt.shape[1] - 1]
+    n_cache = 2 * tiny_runtime.dims.n_text_layer
+
+    graph = tiny_runtime.graphs["decoder_prefill"]
+    outputs = graph.execute(tiny_runtime._to_device(prompt), tiny_runtime._to_device(np.array(positions)),
+                            features.buffer)
+    one_call = [o.to_numpy().copy() for o in outputs[1:]] + [outputs[0].to_numpy().copy()]  # logits last
+
+    batches = []
+
+    class Counted:
+        def execute(self, tokens, *args):
+            batches.append(tokens.shape[0])
+            return graph.execute(tokens, *args)
+
+    monkeypatch.setitem(tiny_runtime.graphs, "decoder_prefill", Counted())
+    session = tiny_runtime.decoder(features, repeats=2)
+    logits = session.prefill(np.repeat(prompt, 2, axis=0), positions)
+    assert batches == [1, 1]
+    np.testing.assert_array_equal(logits, np.repeat(one_call[-1], 2, axis=0))
+    for layer, (ours, theirs) in enumerate(zip(session.cross, one_call[n_cache:-1])):
+        np.testing.assert_array_equal(ours.to_numpy(), theirs, err_msg=f"cross {layer}")
+    for i, (ours, theirs) in enumerate(zip(session._cache_arrays(), one_call[:n_cache])):
+        filled = ours[..., :n] if i % 2 == 0 else ours[:, :, :n]  # k_t [rows, head, dim, pos], v [rows, head, pos, dim]
+        np.testing.assert_array_equal(filled, np.repeat(theirs, 2, axis=0), err_msg=f"cache {i}")
