@@ -9,6 +9,7 @@ mismatch is an ArtifactError naming the command that rebuilds what is wrong.
 from __future__ import annotations
 
 import json
+import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ class WhisperModel:
         self.session = InferenceSession(devices=[self._device])
         if self.target.device == "cpu":
             lower_worker_priority()  # MAX's worker threads exist once the session does
-        tensors = _read_weights(weights_path, fix_compile)
+        tensors = _read_weights(weights_path, fix_compile, _gathered_weights(manifest))
         self._weights = tensors  # the graphs' buffers are views of these arrays: they live as long as the model
 
         def graph_weight(spec: dict):
@@ -569,13 +570,28 @@ class MaxDecoderSession:
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "I64": np.int64}
 
 
-def _read_weights(path: Path, fix: str) -> dict[str, np.ndarray]:
+def _gathered_weights(manifest: dict) -> frozenset[str]:
+    """The weights the graphs only gather rows of: the int8 build's fp16 token embedding (the token lookup and
+    the logits recomputed near each row's best, graph_builders/graphs.py), of which a transcription touches
+    a part (base, lecture-en.flac: ~17 of 53 MB). _read_weights maps them instead of reading them: the
+    int8 build's peak RSS 25-36 MB lower (tiny.en and base, greedy and beam search; AMD EPYC)."""
+    if (manifest.get("decoder_weights") or {}).get("logits") != "rescored":
+        return frozenset()
+    return frozenset(spec["name"] for graph in manifest["graphs"].values() for spec in graph["weights"]
+                     if spec.get("source") == "decoder.token_embedding.weight" and spec.get("transform") == "none")
+
+
+def _read_weights(path: Path, fix: str, mapped: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """A target's weights file (a safetensors file: an 8-byte header length, a JSON header of each tensor's
-    dtype, shape and byte range, then the data) as arrays over one buffer it is read into whole, each
-    tensor on a cache line (make compile writes the data on a WEIGHTS_ALIGNMENT boundary). safetensors'
-    own loader copies every tensor out of its mapping (85 ms for base) where this is one read (~30 ms);
-    mapping the file instead would leave the kernels reading 4 KB pages (measured: a base step 2-4%
-    slower), where numpy's large buffers are transparent huge pages."""
+    dtype, shape and byte range, then the data) as arrays over one buffer it is read into, each tensor on a
+    cache line (make compile writes the data on a WEIGHTS_ALIGNMENT boundary). safetensors' own loader
+    copies every tensor out of its mapping (85 ms for base) where this is one read (~30 ms); mapping the
+    file instead would leave the kernels reading 4 KB pages (measured: a base step 2-4% slower), where
+    numpy's large buffers are transparent huge pages.
+
+    The tensors named in `mapped`, which the graphs only gather rows of, are not read: each is a
+    copy-on-write mapping of its bytes in the file (writable: MAX copies a read-only array), so only the
+    pages of the rows a transcription touches become resident."""
     try:
         size = path.stat().st_size
         raw = np.empty(size + WEIGHTS_ALIGNMENT, dtype=np.uint8)
@@ -583,32 +599,66 @@ def _read_weights(path: Path, fix: str) -> dict[str, np.ndarray]:
         data = raw[shift:shift + size]
         view = memoryview(data)
         with open(path, "rb", buffering=0) as f:
-            done = 0
-            while done < size:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise ValueError(f"ends at byte {done} of {size}")
-                done += n
-        length = int.from_bytes(data[:8].tobytes(), "little")
-        header = json.loads(data[8:8 + length].tobytes()) if 0 < length < min(size - 7, 1 << 24) else None
-        if not isinstance(header, dict):
-            raise ValueError("no safetensors header")
-        start = 8 + length
-        arrays = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            first, last = (start + int(i) for i in info["data_offsets"])
-            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-            if not start <= first <= last <= size or first % dtype.itemsize:
-                raise ValueError(f"tensor {name} lies outside the file")
-            arrays[name] = data[first:last].view(dtype).reshape(info["shape"])
+            _read_range(f, view, 0, min(8, size))
+            length = int.from_bytes(data[:8].tobytes(), "little") if size >= 8 else 0
+            if not 0 < length < min(size - 7, 1 << 24):
+                raise ValueError("no safetensors header")
+            _read_range(f, view, 8, 8 + length)
+            header = json.loads(data[8:8 + length].tobytes())
+            if not isinstance(header, dict):
+                raise ValueError("no safetensors header")
+            start = 8 + length
+            ranges = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                first, last = (start + int(i) for i in info["data_offsets"])
+                dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+                if not start <= first <= last <= size or first % dtype.itemsize:
+                    raise ValueError(f"tensor {name} lies outside the file")
+                ranges[name] = (first, last, dtype, info["shape"])
+            done = start  # the data, but for the mapped tensors' bytes (sorted by where they lie)
+            for first, last in sorted((ranges[n][0], ranges[n][1]) for n in mapped if n in ranges):
+                _read_range(f, view, done, first)
+                done = max(done, last)
+            _read_range(f, view, done, size)
+            arrays = {}
+            for name, (first, last, dtype, shape) in ranges.items():
+                if name in mapped:
+                    arrays[name] = _mapped_array(f, first, last, dtype, shape)
+                else:
+                    arrays[name] = data[first:last].view(dtype).reshape(shape)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                             f"{fix}") from None
     if start % WEIGHTS_ALIGNMENT:  # written so by make compile (graph_builders/weights.py)
         raise ArtifactError(f"{path} was not written by this version's make compile; {fix}")
     return arrays
+
+
+def _read_range(f, view: memoryview, first: int, last: int) -> None:
+    """Reads bytes first:last of the open file f into view[first:last]."""
+    f.seek(first)
+    done = first
+    while done < last:
+        n = f.readinto(view[done:last])
+        if not n:
+            raise ValueError(f"ends at byte {done} of {last}")
+        done += n
+
+
+def _mapped_array(f, first: int, last: int, dtype: np.dtype, shape) -> np.ndarray:
+    """Bytes first:last of the open file f as a writable copy-on-write mapping, read from the file a page at
+    a time as they are touched (MADV_RANDOM: the graphs gather rows, the pages around one are not needed)."""
+    page = mmap.ALLOCATIONGRANULARITY
+    begin = first // page * page
+    if last == first:
+        return np.empty(0, dtype=dtype).reshape(shape)
+    mapping = mmap.mmap(f.fileno(), last - begin, access=mmap.ACCESS_COPY, offset=begin)
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapping, dtype=dtype, count=(last - first) // dtype.itemsize,
+                         offset=first - begin).reshape(shape)
 
 
 def _with_room(cache: np.ndarray, n: int, capacity: int, keys: bool, repeats: int = 1) -> np.ndarray:

@@ -132,6 +132,35 @@ def test_int8_build_sits_beside_the_exact_one(real_tiny_en_dir, real_tiny_en_int
         load_model(swapped)
 
 
+def test_the_fp16_embedding_is_mapped_from_the_weights_file(real_tiny_en_dir, real_tiny_en_int8, real_tiny_en_runtime):
+    """The int8 build's fp16 token embedding, which its graphs only gather rows of, is a writable copy-on-write
+    mapping of the weights file, not read with the rest (only the pages a transcription touches become
+    resident): the same values as read; the exact build maps nothing (its logits read the whole embedding)."""
+    import mmap
+
+    from runtime.engine import _gathered_weights, _read_weights
+
+    name = "decoder.token_embedding.weight@float16"
+    int8 = json.loads((real_tiny_en_dir / "cpu-int8" / "manifest.json").read_text())
+    assert _gathered_weights(int8) == {name}
+    assert _gathered_weights(json.loads((real_tiny_en_dir / "cpu" / "manifest.json").read_text())) == frozenset()
+
+    def owner(array):  # what holds an array's memory: its base arrays' base (a memoryview: its object)
+        while isinstance(array, np.ndarray):
+            array = array.base
+        return array.obj if isinstance(array, memoryview) else array
+
+    mapped = real_tiny_en_int8._weights[name]
+    assert isinstance(owner(mapped), mmap.mmap) and mapped.flags.writeable
+    assert not any(isinstance(owner(a), mmap.mmap) for n, a in real_tiny_en_int8._weights.items() if n != name)
+    assert not any(isinstance(owner(a), mmap.mmap) for a in real_tiny_en_runtime._weights.values())
+    read = _read_weights(real_tiny_en_dir / "cpu-int8" / "weights.safetensors", "make compile")
+    assert sorted(read) == sorted(real_tiny_en_int8._weights)
+    for n, array in read.items():
+        assert array.dtype == real_tiny_en_int8._weights[n].dtype
+        np.testing.assert_array_equal(real_tiny_en_int8._weights[n], array, err_msg=n)
+
+
 def test_an_int8_build_that_leaves_the_logits_near_the_best_to_the_runtime_is_refused(
         real_tiny_en_dir, real_tiny_en_int8, isolated_copy):
     from runtime import load_model
