@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .audio import LogMelPrefetch
 from .engine import WhisperModel
 from .longform import AudioSource, Transcription
 from .options import TranscribeOptions
@@ -42,12 +43,39 @@ def start_transcription(model: WhisperModel | str | os.PathLike, audio: AudioSou
     runtime.decoding.decode for the windows (the server's batcher)."""
     from .longform import start_transcription as start_loop
 
-    if not isinstance(model, WhisperModel) and isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
     if isinstance(audio, (str, os.PathLike)):
         audio = str(Path(audio))
+    if not isinstance(model, WhisperModel) and isinstance(model, (str, os.PathLike)):
+        prefetch = prefetch_log_mel(model, audio) if isinstance(audio, str) and not options.vad_filter else None
+        try:
+            model = load_model(model)
+        except BaseException:
+            if prefetch is not None:
+                prefetch.cancel()
+            raise
+        audio = prefetch or audio
     return start_loop(model, audio, options, mel_filters=model.mel_filters, tokenizer_path=str(model.tokenizer_path),
                       decode_fn=decode_fn)
+
+
+def prefetch_log_mel(model_dir: str | os.PathLike, audio: str | os.PathLike) -> LogMelPrefetch | None:
+    """The log-mel of the audio file for the artifacts in `model_dir`, started now on a thread of its own
+    (runtime.audio.LogMelPrefetch), to be passed to transcribe in place of the file: ffmpeg's decoding
+    and the log-mel then overlap the model's loading (`runtime transcribe`, launch to first token on a
+    2-core AMD EPYC, medians of two runs of 6-7 alternated launches: tiny.en 1.02 / 1.06 -> 0.91 / 0.99 s,
+    base 1.53 / 1.45 -> 1.35 / 1.35 s). None where the artifacts' Mel filters cannot be read (load_model
+    then says what is wrong)."""
+    from contracts import ContractError, read_model_json
+
+    from .audio import N_SAMPLES, AudioError, load_mel_filters
+
+    model_dir = Path(model_dir)
+    try:
+        model = read_model_json(model_dir)
+        filters = load_mel_filters(model_dir / model["mel_filters"]["file"], int(model["dims"]["n_mels"]))
+    except (ContractError, AudioError, KeyError, TypeError, ValueError):
+        return None
+    return LogMelPrefetch(audio, filters, N_SAMPLES)
 
 
 def transcribe_batch(model: WhisperModel | str | os.PathLike, audios, batch_size: int = 8, **options) -> list[dict]:

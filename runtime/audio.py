@@ -538,3 +538,51 @@ class SpooledLogMel:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class LogMelPrefetch:
+    """SpooledLogMel(stream_audio(path), filters, padding) computed on a thread of its own from now on,
+    so that the caller can do other work meanwhile: the model's loading, while ffmpeg decodes the file and
+    the log-mel is made (runtime.api.prefetch_log_mel). `result()` waits for it and returns the
+    SpooledLogMel, or raises what computing it raised (an AudioError for audio that cannot be decoded).
+    `cancel()` stops it at its next block of samples (ffmpeg is killed). The thread is a daemon: a
+    process that exits first does not wait for it (ffmpeg then stops at its next write to the pipe)."""
+
+    def __init__(self, path, filters: np.ndarray, padding: int = 0):
+        import threading
+
+        self.path = os.fspath(path)
+        self.filters = _check_filters(filters)
+        self.padding = int(padding)
+        self._mel: Optional[SpooledLogMel] = None
+        self._error: Optional[BaseException] = None
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        threading.Thread(target=self._compute, name="runtime-log-mel", daemon=True).start()
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        blocks = stream_audio(self.path)
+        try:
+            for block in blocks:
+                if self._cancelled.is_set():
+                    raise AudioError(f"{self.path}: decoding cancelled")
+                yield block
+        finally:
+            blocks.close()  # kills ffmpeg if it is still running
+
+    def _compute(self) -> None:
+        try:
+            self._mel = SpooledLogMel(self._blocks(), self.filters, padding=self.padding)
+        except BaseException as exc:  # re-raised by result(), in the caller's thread
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def result(self) -> SpooledLogMel:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._mel

@@ -139,9 +139,19 @@ def transcribe(audio, model_dir, device, compute_type, threads, output_dir, outp
         _fail(_flags(str(exc)) if exc.param in _FLAG_WORDED else str(exc))
     _check_output_dir(output_dir)
 
-    from .api import load_model, transcribe as transcribe_audio
-    from .engine import ArtifactError
+    from .engine import ArtifactError, limit_threads
+
+    try:
+        # first, so that the prefetch's thread and its ffmpeg keep to the CPUs asked for as well
+        limit_threads(threads or None)
+    except ArtifactError as exc:
+        _fail(str(exc))
+    from .api import load_model, prefetch_log_mel, transcribe as transcribe_audio
     from .writers import get_writer
+
+    # the first file's log-mel is made while the model loads (not with VAD, whose pass over the audio
+    # comes first, nor with --batch-size, which reads every file itself)
+    first_mel = prefetch_log_mel(model_dir, audio[0]) if batch_size is None and not vad_options else None
 
     try:
         model = load_model(model_dir, device=device, threads=threads or None, compute_type=compute_type)
@@ -152,7 +162,7 @@ def transcribe(audio, model_dir, device, compute_type, threads, output_dir, outp
     if batch_size is not None:
         results, failed = _transcribe_batched(model, audio, batch_size, options)
     else:
-        results = _transcribe_each(model, audio, options, transcribe_audio)
+        results = _transcribe_each(model, audio, options, transcribe_audio, first_mel)
     for path, result in results:
         if result is None:
             failed += 1
@@ -225,18 +235,19 @@ def _check_output_dir(output_dir: Path) -> None:
         _fail(f"--output-dir {output_dir} cannot be written to: {exc.strerror or exc}")
 
 
-def _transcribe_each(model, audio, options, transcribe_audio):
-    """(path, result or None) per file, as each finishes; a failure is one line on stderr."""
+def _transcribe_each(model, audio, options, transcribe_audio, first_mel=None):
+    """(path, result or None) per file, as each finishes; a failure is one line on stderr. first_mel:
+    the first file's LogMelPrefetch, if one was started."""
     from .audio import AudioError
     from .decoding import DecodingError
     from .engine import ArtifactError
     from .tokenizer import TokenizerError
 
-    for path in audio:
+    for i, path in enumerate(audio):
         try:
-            yield path, transcribe_audio(model, path, **options)
+            yield path, transcribe_audio(model, first_mel if i == 0 and first_mel is not None else path, **options)
         except (AudioError, DecodingError, TokenizerError, ArtifactError) as exc:
-            click.echo(f"error: {path}: {_one_line(exc)}", err=True)
+            _file_error(path, exc)
             yield path, None
 
 
@@ -271,7 +282,7 @@ def _transcribe_batched(model, audio, batch_size: int, options: dict):
         try:
             loaded.append((path, load_audio(str(path))))
         except AudioError as exc:
-            click.echo(f"error: {path}: {_one_line(exc)}", err=True)
+            _file_error(path, exc)
             failed += 1
     if not loaded:
         return [], failed
@@ -322,7 +333,7 @@ def detect_language_command(audio, model_dir, device, compute_type, threads, top
         try:
             probabilities = _language_probabilities(model, path)
         except (AudioError, DecodingError, TokenizerError, ArtifactError) as exc:
-            click.echo(f"error: {path}: {_one_line(exc)}", err=True)
+            _file_error(path, exc)
             failed += 1
             continue
         language = max(probabilities, key=probabilities.get)
@@ -355,6 +366,12 @@ def _warn(message: str) -> None:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def _file_error(path: Path, exc: BaseException) -> None:
+    """One line on stderr for a file that failed, named once (an AudioError's message starts with it)."""
+    message = _one_line(exc)
+    click.echo(f"error: {message}" if message.startswith(f"{path}: ") else f"error: {path}: {message}", err=True)
 
 
 def _fail(message: str) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from runtime.audio import (
     FRAMES_PER_SECOND,
     HOP_LENGTH,
+    LogMelPrefetch,
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
@@ -209,7 +210,7 @@ class Transcription:
         return dict(text=self._tokenizer.decode(tokens), segments=self.segments, language=self.info.language)
 
 
-AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray]
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray, LogMelPrefetch]
 
 
 def transcribe(model: Inference, audio: AudioSource, *, mel_filters, tokenizer_path,
@@ -282,7 +283,12 @@ def _transcription(model: Inference, audio: AudioSource, options: TranscribeOpti
     speech_timeline = None
     audio_duration = None  # with VAD: the whole audio's, which the speech alone is shorter than
     # the log-mel has 30 s of silence after the audio (padding), so every window can be sliced whole
-    if options.vad_filter:
+    if isinstance(audio, LogMelPrefetch):  # the log-mel a caller started early (the CLI's first file)
+        if options.vad_filter or audio.padding != N_SAMPLES or not np.array_equal(audio.filters, mel_filters):
+            raise ValueError("a LogMelPrefetch must be made with the model's Mel filters and padding=N_SAMPLES, "
+                             "without vad_filter")
+        mel = audio.result()
+    elif options.vad_filter:
         if decoded_here and _can_read_twice(audio):
             # two passes over ffmpeg's output, neither holding the audio whole: the VAD scores it, then
             # the speech it found is cut out of it again and becomes the log-mel as it comes

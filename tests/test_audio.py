@@ -408,6 +408,54 @@ def test_stream_audio_stopped_early_leaves_no_ffmpeg(encoded):
     assert _children() - before == set()
 
 
+def test_log_mel_prefetch_is_the_files_log_mel(encoded, tmp_path):
+    """Made on a thread of its own: the one-piece log-Mel of the file's samples, bit for bit; a file that
+    cannot be decoded raises load_audio's AudioError from result(), in the caller's thread."""
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    path = encoded["flac_44k_stereo"]
+    prefetch = audio.LogMelPrefetch(path, filters, audio.N_SAMPLES)
+    expected = log_mel_spectrogram(audio.load_audio(path), filters, padding=audio.N_SAMPLES)
+    with prefetch.result() as mel:
+        assert mel.shape == expected.shape and mel[:, :].tobytes() == expected.tobytes()
+    garbage = tmp_path / "garbage.mp3"
+    garbage.write_bytes(b"\x00\x01 definitely not audio " * 64)
+    with pytest.raises(audio.AudioError) as raised:
+        audio.LogMelPrefetch(garbage, filters).result()
+    with pytest.raises(audio.AudioError) as direct:
+        audio.load_audio(garbage)
+    assert str(raised.value) == str(direct.value)
+
+
+def test_log_mel_prefetch_cancelled_stops_ffmpeg(encoded, monkeypatch):
+    """cancel() stops the decoding at its next block: result() raises, no ffmpeg is left running."""
+    import threading
+
+    filters = load_mel_filters(WHISPER_MEL_FILTERS, 80)
+    started, go_on = threading.Event(), threading.Event()
+    stream = audio.stream_audio
+
+    def held_after_the_first_block(source, **kwargs):
+        blocks = stream(source, block_bytes=4096)
+        try:
+            yield next(blocks)
+            started.set()
+            go_on.wait(10)
+            yield from blocks
+        finally:
+            blocks.close()
+
+    before = _children()
+    monkeypatch.setattr(audio, "stream_audio", held_after_the_first_block)
+    prefetch = audio.LogMelPrefetch(encoded["flac_44k_stereo"], filters)
+    assert started.wait(10)
+    assert _children() - before, "ffmpeg should be running while the blocks are read"
+    prefetch.cancel()
+    go_on.set()
+    with pytest.raises(audio.AudioError, match="cancelled"):
+        prefetch.result()
+    assert _children() - before == set()
+
+
 def _chunked(samples: np.ndarray, rng) -> list:
     cuts = np.cumsum(rng.integers(1, 3 * 160 * audio._BLOCK_FRAMES, 64))
     return np.split(samples, cuts[cuts < len(samples)])

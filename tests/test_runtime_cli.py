@@ -255,3 +255,54 @@ def test_max_worker_threads_run_below_the_host_thread(tiny_runtime, monkeypatch)
         monkeypatch.setenv("WHISPER_MAX_WORKER_NICE", bad)
         with pytest.raises(ArtifactError, match=r"^WHISPER_MAX_WORKER_NICE must be a whole number from 0 to 19"):
             lower_worker_priority()
+
+
+def test_the_first_files_log_mel_is_made_while_the_model_loads(tiny_model_dir, tiny_runtime, short_speech, tmp_path,
+                                                                monkeypatch):
+    """The CLI, and transcribe() given a model folder, start the file's log-mel before the model loads
+    (runtime.api.prefetch_log_mel) and decode from it: the result of the loaded model on the path. A model
+    that fails to load cancels it; one made with other Mel filters is refused."""
+    import runtime.api as api
+    from click.testing import CliRunner
+    from runtime.audio import N_SAMPLES, LogMelPrefetch
+    from runtime.cli import main
+    from runtime.engine import ArtifactError
+
+    made, cancelled = [], []
+    prefetch, cancel = api.prefetch_log_mel, LogMelPrefetch.cancel
+
+    def recorded(model_dir, path):
+        made.append(prefetch(model_dir, path))
+        return made[-1]
+
+    def recorded_cancel(self):
+        cancelled.append(self)
+        cancel(self)
+
+    monkeypatch.setattr(api, "prefetch_log_mel", recorded)
+    monkeypatch.setattr(LogMelPrefetch, "cancel", recorded_cancel)
+    options = dict(language="en", temperature=0.0, verbose=None)
+    expected = api.transcribe(tiny_runtime, short_speech, **options)
+    assert made == []  # a loaded model: nothing to overlap
+    assert api.transcribe(str(tiny_model_dir), short_speech, **options) == expected
+    assert len(made) == 1 and isinstance(made[0], LogMelPrefetch) and made[0].path == str(short_speech)
+
+    out = tmp_path / "out"
+    run = CliRunner().invoke(main, ["transcribe", str(short_speech), "--model", str(tiny_model_dir),
+                                    "--output-dir", str(out), "--output-format", "json", *DECODE])
+    assert run.exit_code == 0, run.output
+    assert len(made) == 2 and made[1].path == str(short_speech)
+    assert json.loads((out / "short.json").read_text())["text"] == expected["text"]
+
+    uncompiled = tmp_path / "uncompiled"  # model.json and its files, no compiled target
+    uncompiled.mkdir()
+    for entry in tiny_model_dir.iterdir():
+        if entry.is_file():
+            (uncompiled / entry.name).symlink_to(entry)
+    with pytest.raises(ArtifactError, match="make compile"):
+        api.transcribe(str(uncompiled), short_speech, **options)
+    assert len(made) == 3 and cancelled == [made[2]]
+
+    other_filters = LogMelPrefetch(short_speech, tiny_runtime.mel_filters * 2, N_SAMPLES)
+    with pytest.raises(ValueError, match="Mel filters"):
+        api.transcribe(tiny_runtime, other_filters, **options)
