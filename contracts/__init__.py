@@ -65,6 +65,30 @@ def cpu_features() -> list[str]:
     return []
 
 
+def max_version() -> str:
+    """The installed MAX's version, which make compile records and the runtime checks: importlib.metadata's
+    version("max"), read from the "Version:" line of the max-*.dist-info beside the package, without
+    importing importlib.metadata and searching every path entry for it (35 ms of a cold start)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("max")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        found = list(Path(location).parent.glob("max-*.dist-info"))
+        if len(found) == 1:
+            try:
+                with open(found[0] / "METADATA", encoding="utf-8") as f:
+                    for line in f:
+                        if line.startswith("Version:"):
+                            return line.split(":", 1)[1].strip()
+                        if not line.strip():  # the headers end: no Version line
+                            break
+            except OSError:
+                break
+    from importlib.metadata import version
+
+    return version("max")
+
+
 def target_folder(device: str, arch: str | None, compute_type: str = "exact") -> str:
     """The folder under artifacts/<model>/ that holds one build: cpu, cpu-int8, gpu-<arch>."""
     folder = "cpu" if device == "cpu" else f"gpu-{arch}"

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 from contracts import (MANIFEST_FORMAT, MANIFEST_JSON, TARGET_WEIGHTS, ContractError, atomic_write, cpu_features,
-                       read_manifest, read_model_json, sha256_bytes, sha256_file, target_folder, write_json)
+                       max_version, read_manifest, read_model_json, sha256_bytes, sha256_file, target_folder,
+                       write_json)
 
 DEFAULT_GPU_ARCH = "sm_90a"  # what MAX names the H100 and H200 (driver.accelerator_architecture_name)
 DECODER_WEIGHTS = ("auto", "fp16", "fp32", "int8")
@@ -102,7 +102,7 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
         raise CompileError(f"{weights_path} not found; run `make convert` again")
     target = artifact_dir / target_name(device, arch, decoder_weights)
     target.mkdir(parents=True, exist_ok=True)
-    max_version = version("max")
+    installed_max = max_version()
 
     graph_device, session_devices = _graph_device(device, arch)
     # MAX 26.7 aborts when a session is created after a graph with custom ops was built.
@@ -124,7 +124,7 @@ def compile_model(artifact_dir: Path, device: str = "cpu", arch: str | None = No
     previous = _read_manifest(target)
     # The weights enter at init, so their values do not change a graph: its signature is its own
     # text, plus the MAX version and target that compiled it and the source of the custom kernels.
-    provenance = {"max_version": max_version, "device": device, "arch": arch}
+    provenance = {"max_version": installed_max, "device": device, "arch": arch}
     if device == "cpu":
         provenance["cpu_features"] = cpu_features()
     kernels = kernels_sha256() if builder.uses_custom_kernels else None

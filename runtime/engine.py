@@ -13,14 +13,13 @@ import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from contracts import (COMPUTE_TYPES, FIX_CONVERT, STEP_CACHES_AT, WEIGHTS_ALIGNMENT, ContractError, cpu_features,
-                       read_manifest, read_model_json, sha256_file, target_folder)
+                       max_version, read_manifest, read_model_json, sha256_file, target_folder)
 
 from .audio import AudioError, load_mel_filters
 from .host_threads import in_halves
@@ -311,7 +310,7 @@ class WhisperModel:
 
     def _check_manifest(self, manifest: dict, model: dict, fix: str) -> None:
         problems = []
-        installed = version("max")
+        installed = max_version()
         if manifest.get("max_version") != installed:
             problems.append(f"built with MAX {manifest.get('max_version')}, this is MAX {installed}")
         if manifest.get("device") != self.target.device or manifest.get("arch") != self.target.arch:

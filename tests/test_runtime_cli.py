@@ -306,3 +306,16 @@ def test_the_first_files_log_mel_is_made_while_the_model_loads(tiny_model_dir, t
     other_filters = LogMelPrefetch(short_speech, tiny_runtime.mel_filters * 2, N_SAMPLES)
     with pytest.raises(ValueError, match="Mel filters"):
         api.transcribe(tiny_runtime, other_filters, **options)
+
+
+def test_max_version_is_importlib_metadatas(monkeypatch):
+    """The version make compile records and the runtime checks, read from MAX's dist-info without
+    importlib.metadata, is the one importlib.metadata gives; without a dist-info found, it asks it."""
+    import importlib.util
+    from importlib.metadata import version
+
+    from contracts import max_version
+
+    assert max_version() == version("max")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert max_version() == version("max")
