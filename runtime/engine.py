@@ -573,7 +573,7 @@ def _gathered_weights(manifest: dict) -> frozenset[str]:
     """The weights the graphs only gather rows of: the int8 build's fp16 token embedding (the token lookup and
     the logits recomputed near each row's best, graph_builders/graphs.py), of which a transcription touches
     a part (base, lecture-en.flac: ~17 of 53 MB). _read_weights maps them instead of reading them: the
-    int8 build's peak RSS 25-36 MB lower (tiny.en and base, greedy and beam search; AMD EPYC)."""
+    int8 build's peak RSS 25-39 MB lower (tiny.en and base, greedy and beam search; AMD EPYC)."""
     if (manifest.get("decoder_weights") or {}).get("logits") != "rescored":
         return frozenset()
     return frozenset(spec["name"] for graph in manifest["graphs"].values() for spec in graph["weights"]
