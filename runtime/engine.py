@@ -24,6 +24,7 @@ from contracts import (COMPUTE_TYPES, FIX_CONVERT, STEP_CACHES_AT, WEIGHTS_ALIGN
 from .audio import AudioError, load_mel_filters
 from .host_threads import in_halves
 from .inference import ModelDimensions
+from .tokenizer import preload_encoding
 
 GRAPHS = ("encoder", "decoder_prefill", "decoder_step", "decoder_alignment")
 # Read and initialized on first use, not at load: only word timestamps run it, and an initialized
@@ -186,6 +187,8 @@ class WhisperModel:
         self.num_languages = int(model["num_languages"])
         self.alignment_heads = model.get("alignment_heads")
         self.tokenizer_path = self.model_dir / model["tokenizer"]["file"]
+        # every transcription's first window needs the tokenizer: made while the graphs load
+        preload_encoding(str(self.tokenizer_path), self.num_languages)
         self.mel_filters_path = self.model_dir / model["mel_filters"]["file"]
         try:  # once per model, not once per transcription
             self.mel_filters = load_mel_filters(self.mel_filters_path, self.dims.n_mels)

@@ -12,9 +12,11 @@ so every id equals openai-whisper's. Nothing here imports torch or openai-whispe
 
 from __future__ import annotations
 
-import base64
+import binascii
 import os
 import string
+import threading
+from concurrent.futures import Future
 from functools import cached_property, lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -91,10 +93,10 @@ def _read_ranks(path: str) -> Dict[bytes, int]:
                     continue
                 if len(fields) != 2:
                     raise TokenizerError(f"{path}:{number}: expected '<base64 token> <rank>'")
-                ranks[base64.b64decode(fields[0])] = int(fields[1])
+                ranks[binascii.a2b_base64(fields[0])] = int(fields[1])  # base64.b64decode's own decoder
     except OSError as e:
         raise TokenizerError(f"{path}: cannot read the vocabulary ({e.strerror or e})") from e
-    except (ValueError, base64.binascii.Error) as e:
+    except (ValueError, binascii.Error) as e:
         if isinstance(e, TokenizerError):
             raise
         raise TokenizerError(f"{path}: not a tiktoken vocabulary ({' '.join(str(e).split())})") from e
@@ -103,10 +105,43 @@ def _read_ranks(path: str) -> Dict[bytes, int]:
     return ranks
 
 
-@lru_cache(maxsize=None)
+_encodings: Dict[Tuple[str, int], Future] = {}  # (absolute path, num_languages) -> its Encoding
+_encodings_lock = threading.Lock()
+
+
 def get_encoding(encoding_path: str, num_languages: int = 99) -> tiktoken.Encoding:
-    """The tiktoken Encoding of a `.tiktoken` vocabulary plus Whisper's special tokens."""
-    path = os.fspath(encoding_path)
+    """The tiktoken Encoding of a `.tiktoken` vocabulary plus Whisper's special tokens, made once per
+    process (a caller that comes while another thread makes it waits for that one: preload_encoding)."""
+    key = (os.path.abspath(os.fspath(encoding_path)), int(num_languages))
+    with _encodings_lock:
+        made = _encodings.get(key)
+        maker = made is None
+        if maker:
+            made = _encodings[key] = Future()
+    if maker:
+        try:
+            made.set_result(_make_encoding(*key))
+        except BaseException as e:
+            with _encodings_lock:  # not kept: a vocabulary fixed on disk is read again next time
+                del _encodings[key]
+            made.set_exception(e)
+    return made.result()
+
+
+def preload_encoding(encoding_path: str, num_languages: int = 99) -> None:
+    """Starts get_encoding on a daemon thread (reading the ranks and tiktoken's tables: 60-70 ms, on the
+    way to the first token when made after the audio), so that it overlaps the model's loading; a
+    failure is left for the transcription's own get_encoding to raise."""
+    def make():
+        try:
+            get_encoding(encoding_path, num_languages)
+        except BaseException:
+            pass
+
+    threading.Thread(target=make, name="tokenizer-preload", daemon=True).start()
+
+
+def _make_encoding(path: str, num_languages: int) -> tiktoken.Encoding:
     ranks = _read_ranks(path)
     n_vocab = len(ranks)
     special_tokens = {}

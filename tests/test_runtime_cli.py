@@ -308,6 +308,22 @@ def test_the_first_files_log_mel_is_made_while_the_model_loads(tiny_model_dir, t
         api.transcribe(tiny_runtime, other_filters, **options)
 
 
+def test_loading_a_model_starts_its_tokenizer(tiny_model_dir, tiny_runtime, monkeypatch):
+    """load_model starts making the model's tokenizer (runtime.tokenizer.preload_encoding), which every
+    transcription's first window needs, while the graphs load; the transcription then uses that one."""
+    import runtime.engine as engine
+    from runtime import tokenizer
+
+    started = []
+    monkeypatch.setattr(engine, "preload_encoding", lambda path, n: started.append((path, n)))
+    model = engine.WhisperModel(tiny_model_dir)
+    assert started == [(str(model.tokenizer_path), model.num_languages)]
+    assert model.tokenizer_path.parent == tiny_model_dir and model.tokenizer_path.is_file()
+    made = tokenizer.get_encoding(str(model.tokenizer_path), model.num_languages)
+    assert tokenizer.get_tokenizer(model.tokenizer_path, model.is_multilingual,
+                                   num_languages=model.num_languages).encoding is made
+
+
 def test_max_version_is_importlib_metadatas(monkeypatch):
     """The version make compile records and the runtime checks, read from MAX's dist-info without
     importlib.metadata, is the one importlib.metadata gives; without a dist-info found, it asks it."""

@@ -179,3 +179,49 @@ def test_tokenizers_are_cached():
     a = rt.get_tokenizer(VOCAB[True], True, language="en")
     b = rt.get_tokenizer(str(VOCAB[True]), True, language="EN", task="transcribe")
     assert a is b
+
+
+def test_a_vocabulary_fixed_on_disk_is_read_again(tmp_path):
+    vocabulary = tmp_path / "gpt2.tiktoken"
+    vocabulary.write_text("not base64 at all\n")
+    with pytest.raises(rt.TokenizerError, match="gpt2.tiktoken"):
+        rt.get_encoding(vocabulary, 99)
+    vocabulary.write_bytes(VOCAB[False].read_bytes())  # a failure is not kept
+    assert rt.get_encoding(vocabulary, 99).encode(" hello") == rt.get_encoding(str(VOCAB[False]), 99).encode(" hello")
+
+
+def test_preloaded_encoding_is_made_once_and_shared(tmp_path, monkeypatch):
+    """preload_encoding's thread and a caller that comes while it works get one Encoding, made once."""
+    import threading
+
+    vocabulary = tmp_path / "multilingual.tiktoken"
+    vocabulary.write_bytes(VOCAB[True].read_bytes())
+    started, release, made = threading.Event(), threading.Event(), []
+    make = rt._make_encoding
+
+    def slow_make(path, num_languages):
+        made.append(path)
+        started.set()
+        assert release.wait(30)
+        return make(path, num_languages)
+
+    monkeypatch.setattr(rt, "_make_encoding", slow_make)
+    rt.preload_encoding(str(vocabulary), 99)
+    assert started.wait(30)  # the preload thread is making it
+    got = []
+    caller = threading.Thread(target=lambda: got.append(rt.get_encoding(vocabulary, 99)))
+    caller.start()
+    caller.join(0.2)
+    assert caller.is_alive()  # waiting for the preload, not making its own
+    release.set()
+    caller.join(30)
+    assert made == [str(vocabulary)]
+    assert got[0] is rt.get_encoding(str(vocabulary), 99)
+    assert got[0].encode(" hello world") == rt.get_encoding(str(VOCAB[True]), 99).encode(" hello world")
+
+
+def test_a_failed_preload_is_raised_by_the_transcriptions_own_call(tmp_path):
+    missing = tmp_path / "missing.tiktoken"
+    rt.preload_encoding(str(missing), 99)
+    with pytest.raises(rt.TokenizerError, match="cannot read"):
+        rt.get_encoding(missing, 99)
