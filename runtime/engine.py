@@ -22,6 +22,7 @@ from contracts import (COMPUTE_TYPES, FIX_CONVERT, STEP_CACHES_AT, WEIGHTS_ALIGN
                        max_version, read_manifest, read_model_json, sha256_file, target_folder)
 
 from .audio import AudioError, load_mel_filters
+from .host_arrays import HostArrayPool
 from .host_threads import in_halves
 from .inference import ModelDimensions
 from .tokenizer import preload_encoding
@@ -254,6 +255,7 @@ class WhisperModel:
         global _cpu_device_made
         _cpu_device_made = True
         self.session = InferenceSession(devices=[self._device])
+        self._host_arrays = HostArrayPool()  # the decoder sessions' large host arrays (runtime.host_arrays)
         if self.target.device == "cpu":
             lower_worker_priority()  # MAX's worker threads exist once the session does
         tensors = _read_weights(weights_path, fix_compile, _gathered_weights(manifest))
@@ -458,6 +460,8 @@ class MaxDecoderSession:
         if shared and repeats > 1:
             logits = np.repeat(logits, repeats, axis=0)
         self._install(cache, min(m.dims.n_text_ctx, self.length + self.ROOM), repeats if shared else 1)
+        del cache
+        m._host_arrays.drop_free()  # what is free now (the last session's leftovers, the prefill's caches) stays free
         return logits
 
     def _prefill_rows(self, tokens: np.ndarray, positions, features) -> tuple[list, list, np.ndarray]:
@@ -473,8 +477,8 @@ class MaxDecoderSession:
             outputs = m.graphs["decoder_prefill"].execute(m._to_device(tokens[row:row + 1]), positions,
                                                           _rows(features, row, row + 1))
             arrays = [m._to_host(b) for b in outputs[1:]] + [m._to_host(outputs[0])]  # the logits last
-            if whole is None:
-                whole = [np.empty((len(tokens), *a.shape[1:]), dtype=a.dtype) for a in arrays]
+            if whole is None:  # the model's pool: the memory the last batch's prefill filled (host_arrays)
+                whole = [m._host_arrays.take((len(tokens), *a.shape[1:]), a.dtype) for a in arrays]
             for into, array in zip(whole, arrays):
                 into[row] = array[0]
         n_cache = 2 * m.dims.n_text_layer
@@ -487,6 +491,7 @@ class MaxDecoderSession:
             if self.length >= m.dims.n_text_ctx:
                 raise ValueError(f"the decoder holds at most {m.dims.n_text_ctx} positions")
             self._install(self._cache_arrays(), min(m.dims.n_text_ctx, self.capacity + self.ROOM))
+            m._host_arrays.drop_free()  # the outgrown cache
         if self._kv_rows_buffer is None:
             self._kv_rows_buffer = m._to_device(self.kv_rows)
         prefix_rows, prefix_lengths = self._prefixes()
@@ -559,8 +564,8 @@ class MaxDecoderSession:
         m, n = self.model, self.length
         arrays = []
         for k_t, v in zip(cache[0::2], cache[1::2]):
-            arrays += [_with_room(k_t, n, capacity, keys=True, repeats=repeats),
-                       _with_room(v, n, capacity, keys=False, repeats=repeats)]
+            arrays += [_with_room(k_t, n, capacity, keys=True, repeats=repeats, pool=m._host_arrays),
+                       _with_room(v, n, capacity, keys=False, repeats=repeats, pool=m._host_arrays)]
         self.self_cache = [m._to_device(a) for a in arrays]
         self.capacity = capacity
         shares = m.target.device == "cpu" and all(
@@ -663,17 +668,18 @@ def _mapped_array(f, first: int, last: int, dtype: np.dtype, shape) -> np.ndarra
                          offset=first - begin).reshape(shape)
 
 
-def _with_room(cache: np.ndarray, n: int, capacity: int, keys: bool, repeats: int = 1) -> np.ndarray:
+def _with_room(cache: np.ndarray, n: int, capacity: int, keys: bool, repeats: int = 1,
+               pool: HostArrayPool | None = None) -> np.ndarray:
     """A self-attention cache (keys k_t [rows, head, head_dim, positions] or values v [rows, head,
     positions, head_dim]) with its first n positions in an array of `capacity` positions, zero
     beyond them (the stock-ops step reads every position), each row repeated `repeats` times: copied
     once into place, where np.repeat first would copy the filled positions twice (base, 8 audios x 5
-    beams at 150 positions: 86 -> 48 ms)."""
+    beams at 150 positions: 86 -> 48 ms). From `pool` where given (a session's: runtime.host_arrays)."""
     axis = 3 if keys else 2
     shape = list(cache.shape)
     shape[0] *= repeats
     shape[axis] = capacity
-    room = np.zeros(shape, dtype=np.float32)
+    room = np.zeros(shape, dtype=np.float32) if pool is None else pool.take(shape, np.float32, zeros=True)
     filled = (slice(None),) * axis + (slice(0, n),)
     # [rows, repeats, ...]: every repeat of a row takes the row's positions
     room.reshape(len(cache), repeats, *shape[1:])[(slice(None),) + filled] = cache[filled][:, None]
