@@ -461,7 +461,7 @@ class MaxDecoderSession:
             logits = np.repeat(logits, repeats, axis=0)
         self._install(cache, min(m.dims.n_text_ctx, self.length + self.ROOM), repeats if shared else 1)
         del cache
-        m._host_arrays.drop_free()  # what is free now (the last session's leftovers, the prefill's caches) stays free
+        m._host_arrays.drop_free()  # lets go of what stays free: the last session's leftovers, the prefill's caches
         return logits
 
     def _prefill_rows(self, tokens: np.ndarray, positions, features) -> tuple[list, list, np.ndarray]:
